@@ -1,0 +1,212 @@
+"""Task runner: `nox -l` lists sessions; `nox -s tests`, `nox -s repro`, `nox -s smoke`, `nox -s lint`.
+
+Every session installs the project with the pinned versions of constraints.txt (torch==2.13.0, the CPU build
+that pip finds in its find-links; never torchvision). Venvs live under .nox/ and are reused between runs.
+
+This file is also a small script run by the sessions' own Python (which has PyYAML):
+`python noxfile.py merge-params BASE OVERRIDES OUT` deep-merges a params override file (see `deep_merge`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+PYTHON = "3.11"
+SMOKE_OVERRIDES = "params-smoke.yaml"
+
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    # papermill must use the `python3` kernel installed into the session venv, not a user-level one.
+    "JUPYTER_PREFER_ENV_PATH": "1",
+}
+
+
+class ParamsMergeError(ValueError):
+    """An override names a key that params.yaml does not have, or changes a mapping into a value."""
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _path: str = "") -> dict[str, Any]:
+    """Return a copy of `base` with `overrides` merged in, recursively.
+
+    Mappings are merged key by key; any other value (scalars, lists) is replaced whole. Every key of
+    `overrides` must already exist in `base`, so a typo in an override file fails instead of being ignored.
+    """
+    merged = dict(base)
+    for key, value in overrides.items():
+        where = f"{_path}.{key}" if _path else str(key)
+        if key not in base:
+            raise ParamsMergeError(f"override key {where!r} does not exist in params.yaml")
+        old = base[key]
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            merged[key] = deep_merge(old, value, where)
+        elif isinstance(old, Mapping) or isinstance(value, Mapping):
+            raise ParamsMergeError(
+                f"override key {where!r}: cannot replace a {type(old).__name__} with a {type(value).__name__}"
+            )
+        else:
+            merged[key] = value
+    return merged
+
+
+def merge_params_files(base: Path, overrides: Path, out: Path) -> None:
+    """Deep-merge YAML file `overrides` over YAML file `base` and write the result to `out`."""
+    import yaml  # only in the session venvs, not necessarily beside nox itself
+
+    base_data = yaml.safe_load(Path(base).read_text()) or {}
+    over_data = yaml.safe_load(Path(overrides).read_text()) or {}
+    if not isinstance(base_data, Mapping) or not isinstance(over_data, Mapping):
+        raise ParamsMergeError(f"{base} and {overrides} must both hold a mapping at the top level")
+    merged = deep_merge(base_data, over_data)
+    Path(out).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=False))
+
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests"]
+
+
+def install(session: nox.Session) -> None:
+    """Set the common environment; install the project (editable) with dev extras, pinned by constraints.txt."""
+    session.env.update(ENV)
+    session.install("-c", "constraints.txt", "-e", ".[dev]")
+
+
+def install_kernel(session: nox.Session) -> None:
+    """Register the venv's Python as Jupyter kernel `python3` inside the venv (used by papermill)."""
+    session.run("python", "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3", silent=True)
+
+
+def dvc_repro(session: nox.Session, args: list[str]) -> None:
+    session.run("dvc", "repro", *args)
+    session.run("dvc", "metrics", "show")
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pytest -q; extra arguments go to pytest)."""
+    install(session)
+    install_kernel(session)
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    install(session)
+    targets = ["resadapt", "tests", "noxfile.py"]
+    session.run("ruff", "check", *targets)
+    session.run("ruff", "format", "--check", *targets)
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def repro(session: nox.Session) -> None:
+    """Run the DVC pipeline in this repository (dvc repro; extra arguments go to dvc repro)."""
+    if not (ROOT / "dvc.yaml").exists():
+        session.error("dvc.yaml does not exist yet: there is no pipeline to reproduce")
+    install(session)
+    install_kernel(session)
+    with session.chdir(ROOT):
+        dvc_repro(session, list(session.posargs))
+
+
+def _copy_worktree(dest: Path) -> int:
+    """Copy tracked and untracked-but-not-ignored files of the working tree into `dest`."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    count = 0
+    for raw in listing.split(b"\0"):
+        if not raw:
+            continue
+        rel = os.fsdecode(raw)
+        src = ROOT / rel
+        if not src.exists() and not src.is_symlink():  # tracked but deleted in the working tree
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target, follow_symlinks=False)
+        count += 1
+    return count
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def smoke(session: nox.Session) -> None:
+    """Run the whole pipeline on the small profile (params-smoke.yaml) in a temporary copy of the repo.
+
+    The repository's own outputs are not touched. `nox -s smoke -- --keep` keeps the copy; other
+    arguments go to dvc repro.
+    """
+    if not (ROOT / "dvc.yaml").exists():
+        session.error("dvc.yaml does not exist yet: there is no pipeline to smoke-test")
+    if not (ROOT / SMOKE_OVERRIDES).exists():
+        session.error(f"{SMOKE_OVERRIDES} (overrides merged over params.yaml) does not exist")
+    keep = "--keep" in session.posargs
+    repro_args = [a for a in session.posargs if a != "--keep"]
+
+    install(session)
+    install_kernel(session)
+
+    tmp = Path(tempfile.mkdtemp(prefix="resadapt-smoke-"))
+    session.log(f"smoke copy: {tmp}")
+    try:
+        n = _copy_worktree(tmp)
+        session.log(f"copied {n} files")
+        git = [
+            "git",
+            "-c",
+            "user.name=smoke",
+            "-c",
+            "user.email=smoke@localhost",
+            "-c",
+            "commit.gpgsign=false",
+        ]
+        with session.chdir(tmp):
+            session.run(*git, "-c", "init.defaultBranch=main", "init", "-q", external=True)
+            if not (tmp / ".dvc").is_dir():
+                session.run("dvc", "init", "-q")
+            session.run(*git, "add", "-A", external=True)
+            session.run(*git, "commit", "-qm", "smoke", "--no-verify", external=True)
+            session.run(
+                "python",
+                str(ROOT / "noxfile.py"),
+                "merge-params",
+                "params.yaml",
+                SMOKE_OVERRIDES,
+                "params.yaml",
+            )
+            dvc_repro(session, repro_args)
+    finally:
+        if keep:
+            session.log(f"kept smoke copy: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            session.log(f"removed smoke copy: {tmp} (pass -- --keep to keep it)")
+
+
+if __name__ == "__main__":
+    # Run by the session venv's Python (nox is installed there through the dev extras).
+    if len(sys.argv) == 5 and sys.argv[1] == "merge-params":
+        try:
+            merge_params_files(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+        except ParamsMergeError as err:
+            sys.exit(f"error in {sys.argv[3]}: {err}")
+    else:
+        sys.exit("usage: python noxfile.py merge-params BASE OVERRIDES OUT")
