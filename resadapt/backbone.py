@@ -33,7 +33,7 @@ class TinyBackboneSpec:
     """Sizes of the tiny default backbone (Qwen2.5-VL architecture, trained from scratch on CPU)."""
 
     architecture: str = "qwen2_5_vl"
-    vocab_size: int = 512
+    vocab_size: int = 768
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4

@@ -78,7 +78,7 @@ def _tokenizer_corpus(seed: int = 0, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+def build_tokenizer(vocab_size: int = 768, seed: int = 0):
     """Train a Qwen-style byte-level BPE tokenizer offline; special token ids are 0..13."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

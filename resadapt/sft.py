@@ -1,0 +1,304 @@
+"""Training the tiny backbone into a resolution-robust reader (default profile only).
+
+A real MLLM starts from a pretrained vision encoder; the tiny one starts from nothing, and plain SFT on
+the answer token does not teach a 1M-parameter model to read a 6x10 px digit in CPU minutes (NOTES,
+"Training a tiny VLM from scratch"). The recipe here:
+
+1. **Vision pre-training with dense token labels.** The generator knows what lies under every 28x28
+   token (background, or a card of some colour with some digit). A head scores each merged visual token
+   against the language model's own embeddings of the digit and colour words, so the vision tower learns
+   to read *and* its tokens land next to the words the question uses (which makes finding "the red card"
+   a dot product for the language model). Chunks are shown at random scales, so it also learns that
+   small chunks hold no readable digit.
+2. **SFT of the whole model** on multi-turn conversations (several questions about one video, teacher
+   forced, so the vision cost is paid once per video), with random per-chunk scales and the dense loss
+   kept at a small weight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resadapt.backbone import VisualInput, build_messages
+from resadapt.data.embedded import CELL, COLOURS, Card, token_labels
+
+
+@dataclass
+class Example:
+    """One training video (or image) with its cards and the question/answer turns asked about it."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8, or (H, W, 3) for an image
+    cards: list[Card]
+    turns: list[tuple[str, str]]
+    fps: float
+    evidence_frames: list[int]
+    is_image: bool = False
+
+
+def chunk_scales_for(example: Example, rng: np.random.Generator, s_min: float, p_full: float, tp: int = 2):
+    """Random per-chunk scales: evidence chunks at full resolution with probability `p_full`, others anywhere."""
+    n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
+    evidence = {f // tp for f in example.evidence_frames}
+    scales = []
+    for k in range(n_chunks):
+        if (k in evidence or example.is_image) and rng.random() < p_full:
+            scales.append(1.0)
+        elif rng.random() < 0.3:
+            scales.append(1.0)
+        else:
+            scales.append(float(rng.uniform(s_min, 1.0)))
+    return scales
+
+
+def resize_chunks(frames: np.ndarray, scales: list[float], processor, tp: int = 2):
+    """Cut frames into temporal chunks and resize each by its scale (Qwen rounding); returns (chunks, sizes)."""
+    from PIL import Image
+
+    vp = processor.video_processor
+    chunks, sizes = [], []
+    h0, w0 = frames.shape[1:3]
+    for k, s in enumerate(scales):
+        chunk = frames[k * tp : (k + 1) * tp]
+        h, w = vp.target_size(max(1, int(h0 * s)), max(1, int(w0 * s)))
+        if (h, w) != (h0, w0):
+            chunk = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in chunk])
+        chunks.append(chunk)
+        sizes.append((h, w))
+    return chunks, sizes
+
+
+def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int], base: int):
+    """Labels of the merged tokens of one chunk at its processed size, by mapping token centres back."""
+    grid = base // CELL
+    digit, colour = token_labels(cards, first_frame, grid)
+    gh, gw = size[0] // CELL, size[1] // CELL
+    rows = np.minimum(((np.arange(gh) + 0.5) / gh * grid).astype(int), grid - 1)
+    cols = np.minimum(((np.arange(gw) + 0.5) / gw * grid).astype(int), grid - 1)
+    d = digit[np.ix_(rows, cols)].reshape(-1)
+    c = colour[np.ix_(rows, cols)].reshape(-1)
+    # a card shrunk below half a token is not a card to the reader any more
+    if gh * 2 < grid:
+        d = np.full_like(d, 10)
+    return d, c
+
+
+class DenseHead(torch.nn.Module):
+    """Scores merged visual tokens against the LM's embeddings of digit and colour words."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+        digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+        colour_ids = [tokenizer.convert_tokens_to_ids("Ġ" + c) for c in COLOURS]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in digit_ids + colour_ids:
+            raise ValueError("the tokenizer lacks single tokens for digits or colour words")
+        self.register_buffer("digit_ids", torch.tensor(digit_ids), persistent=False)
+        self.register_buffer("colour_ids", torch.tensor(colour_ids), persistent=False)
+        dim = self.embed.weight.shape[1]
+        self.none_digit = torch.nn.Parameter(torch.zeros(dim))
+        self.none_colour = torch.nn.Parameter(torch.zeros(dim))
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, tokens: torch.Tensor):
+        e = self.embed.weight
+        dig = torch.cat([e[self.digit_ids], self.none_digit[None]])
+        col = torch.cat([e[self.colour_ids], self.none_colour[None]])
+        return self.scale * tokens @ dig.T, self.scale * tokens @ col.T
+
+
+def video_features(model, pixel_values_videos, video_grid_thw):
+    out = model.model.visual(pixel_values_videos, grid_thw=video_grid_thw)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def dense_batch(
+    examples: list[Example], scales: list[list[float]], processor, tp: int = 2, rng: np.random.Generator | None = None
+):
+    """Pixel values, grids and token labels for the chunks of a batch of videos.
+
+    With `rng`, chunks without any card are kept only one time in five (they teach little).
+    """
+    chunks, labels_d, labels_c = [], [], []
+    for ex, sc in zip(examples, scales, strict=True):
+        frames = ex.frames[None] if ex.is_image else ex.frames
+        cs, sizes = resize_chunks(frames, sc, processor, tp)
+        for k, (c, size) in enumerate(zip(cs, sizes, strict=True)):
+            d, col = chunk_token_labels(ex.cards, k * tp, size, frames.shape[1])
+            if rng is not None and (col == len(COLOURS)).all() and rng.random() > 0.2:
+                continue
+            chunks.append(c)
+            labels_d.append(d)
+            labels_c.append(col)
+    vp = processor.video_processor
+    out = vp(chunks)
+    return out["pixel_values_videos"], out["video_grid_thw"], torch.from_numpy(np.concatenate(labels_d)), torch.from_numpy(
+        np.concatenate(labels_c)
+    )
+
+
+def dense_loss(head: DenseHead, feats: torch.Tensor, labels_d: torch.Tensor, labels_c: torch.Tensor):
+    ld, lc = head(feats)
+    # background tokens vastly outnumber cards: weight card tokens up so the reader is not lazy
+    n_card = (labels_d < 10).sum().clamp(min=1)
+    w = torch.where(labels_d < 10, (labels_d.numel() - n_card) / n_card, 1.0).clamp(min=1.0)
+    loss = (F.cross_entropy(ld, labels_d, reduction="none") * w).sum() / w.sum()
+    loss = loss + (F.cross_entropy(lc, labels_c, reduction="none") * w).sum() / w.sum()
+    acc = ((ld.argmax(-1) == labels_d) & (labels_d < 10)).sum().item() / max(1, (labels_d < 10).sum().item())
+    return loss, acc
+
+
+def conversation_inputs(processor, examples: list[Example], scales: list[list[float]], tp: int = 2):
+    """Multi-turn SFT batch: every assistant turn is labelled, everything else is -100."""
+    texts, videos, metas, images = [], [], [], []
+    from transformers.video_utils import VideoMetadata
+
+    for ex, sc in zip(examples, scales, strict=True):
+        frames = ex.frames[None] if ex.is_image else ex.frames
+        cs, _ = resize_chunks(frames, sc, processor, tp)
+        if ex.is_image:
+            visual = VisualInput(image=cs[0][0])
+            images.append(cs[0][0])
+        else:
+            times = [k * tp / ex.fps for k in range(len(cs))]
+            visual = VisualInput(chunks=cs, chunk_times=times, fps=ex.fps)
+            videos.extend(cs)
+            metas.extend(
+                VideoMetadata(total_num_frames=len(c), fps=ex.fps, frames_indices=list(range(k * tp, k * tp + len(c))))
+                for k, c in enumerate(cs)
+            )
+        q0, a0 = ex.turns[0]
+        msgs = build_messages(visual, q0, a0)
+        for q, a in ex.turns[1:]:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False))
+    kwargs = {}
+    if videos:
+        kwargs |= {"videos": videos, "video_metadata": metas}
+    if images:
+        kwargs["images"] = images
+    tok = processor.tokenizer
+    batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+    batch["labels"] = assistant_labels(batch["input_ids"], tok)
+    return batch
+
+
+def assistant_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """-100 everywhere except the content of assistant turns and their closing <|im_end|>."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
+    labels = torch.full_like(input_ids, -100)
+    for b, row in enumerate(input_ids.tolist()):
+        i = 0
+        while i < len(row):
+            if row[i] == start and row[i + 1 : i + 1 + len(header)] == header:
+                j = i + 1 + len(header)
+                while j < len(row) and row[j] != end:
+                    labels[b, j] = row[j]
+                    j += 1
+                if j < len(row):
+                    labels[b, j] = end
+                i = j
+            i += 1
+    return labels
+
+
+@dataclass
+class SFTSchedule:
+    """Time-boxed schedule (minutes of wall clock on the machine that runs it), batch sizes and rates."""
+
+    dense_minutes: float = 3.0
+    sft_minutes: float = 10.0
+    dense_batch: int = 4
+    sft_batch: int = 4
+    dense_lr: float = 3e-3
+    sft_lr: float = 2e-3
+    dense_weight: float = 0.2
+    s_min: float = 0.125
+    p_full: float = 0.7
+    seed: int = 0
+    max_steps: int | None = None  # for tests: stop after this many steps per stage regardless of time
+
+
+def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None):
+    t0 = time.time()
+    step = 0
+    while True:
+        elapsed = time.time() - t0
+        if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed > minutes * 60):
+            break
+        stats = step_fn(step, elapsed / max(minutes * 60, 1e-9))
+        step += 1
+        if log is not None:
+            log({"stage": name, "step": step, "time_s": round(time.time() - t0, 1), **stats})
+    return step
+
+
+def train_backbone(
+    model,
+    processor,
+    examples: Callable[[np.random.Generator], Iterator[Example]],
+    schedule: SFTSchedule,
+    log: Callable[[dict], None] | None = None,
+):
+    """Run the two-stage recipe in place on `model`; `examples(rng)` yields training examples forever."""
+    rng = np.random.default_rng(schedule.seed)
+    torch.manual_seed(schedule.seed)
+    head = DenseHead(model, processor.tokenizer)
+    stream = examples(rng)
+
+    def take(n):
+        return [next(stream) for _ in range(n)]
+
+    model.train()
+    vis_params = list(model.model.visual.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
+    opt = torch.optim.AdamW(vis_params + [head.embed.weight], lr=schedule.dense_lr, weight_decay=0.0)
+
+    def dense_step(step, frac):
+        for g in opt.param_groups:
+            g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
+        exs = take(schedule.dense_batch)
+        scales = [chunk_scales_for(e, rng, schedule.s_min, 0.5) for e in exs]
+        pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng)
+        loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+        opt.step()
+        return {"loss": round(loss.item(), 4), "card_digit_acc": round(acc, 3)}
+
+    _loop("dense", schedule.dense_minutes, schedule.max_steps, dense_step, log)
+
+    params = list(model.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
+    opt = torch.optim.AdamW(params, lr=schedule.sft_lr, weight_decay=0.0)
+
+    def sft_step(step, frac):
+        for g in opt.param_groups:
+            g["lr"] = schedule.sft_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        exs = take(schedule.sft_batch)
+        scales = [chunk_scales_for(e, rng, schedule.s_min, schedule.p_full) for e in exs]
+        batch = conversation_inputs(processor, exs, scales)
+        out = model(**batch, output_hidden_states=False)
+        loss = out.loss
+        stats = {"lm_loss": round(loss.item(), 4)}
+        if schedule.dense_weight > 0:
+            pv, grid, ld, lc = dense_batch(exs, scales, processor)
+            dl, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
+            loss = loss + schedule.dense_weight * dl
+            stats["card_digit_acc"] = round(acc, 3)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return stats
+
+    _loop("sft", schedule.sft_minutes, schedule.max_steps, sft_step, log)
+    model.eval()
+    return model
