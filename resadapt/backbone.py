@@ -195,15 +195,23 @@ class VisualInput:
             raise ValueError(f"{len(self.chunks)} chunks but {len(self.chunk_times)} chunk times")
 
 
-def build_messages(visual: VisualInput, question: str, answer: str | None = None) -> list[dict]:
-    """Chat messages for one sample; the timestamps are text, each chunk is a separate video item."""
+def build_messages(
+    visual: VisualInput, question: str, answer: str | None = None, question_first: bool = False
+) -> list[dict]:
+    """Chat messages for one sample; the timestamps are text, each chunk is a separate video item.
+
+    `question_first` puts the question before the visual items, so visual tokens can attend to it.
+    """
     content: list[dict] = []
+    if question_first:
+        content.append({"type": "text", "text": question})
     if visual.image is not None:
         content.append({"type": "image"})
     for t in visual.chunk_times:
         content.append({"type": "text", "text": f"{t:.1f}s"})
         content.append({"type": "video"})
-    content.append({"type": "text", "text": question})
+    if not question_first:
+        content.append({"type": "text", "text": question})
     messages = [{"role": "user", "content": content}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})

@@ -154,17 +154,26 @@ def dense_loss(head: DenseHead, feats: torch.Tensor, labels_d: torch.Tensor, lab
     return loss, acc
 
 
-def conversation_inputs(processor, examples: list[Example], scales: list[list[float]], tp: int = 2):
-    """Multi-turn SFT batch: every assistant turn is labelled, everything else is -100."""
-    texts, videos, metas, images = [], [], [], []
+def conversation_inputs(
+    processor, examples: list[Example], scales: list[list[float]], tp: int = 2, question_first: bool = False
+):
+    """Multi-turn SFT batch (every assistant turn labelled) and the dense token labels of its visual inputs.
+
+    Dense labels come back per modality in the order the model encodes them (images, then video chunks),
+    so the features captured from the model's own forward can be scored without a second vision pass.
+    """
     from transformers.video_utils import VideoMetadata
 
+    texts, videos, metas, images = [], [], [], []
+    dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"image": [], "video": []}
     for ex, sc in zip(examples, scales, strict=True):
         frames = ex.frames[None] if ex.is_image else ex.frames
-        cs, _ = resize_chunks(frames, sc, processor, tp)
+        cs, sizes = resize_chunks(frames, sc, processor, tp)
+        base = frames.shape[1]
         if ex.is_image:
             visual = VisualInput(image=cs[0][0])
             images.append(cs[0][0])
+            dense["image"].append(chunk_token_labels(ex.cards, 0, sizes[0], base))
         else:
             times = [k * tp / ex.fps for k in range(len(cs))]
             visual = VisualInput(chunks=cs, chunk_times=times, fps=ex.fps)
@@ -173,8 +182,9 @@ def conversation_inputs(processor, examples: list[Example], scales: list[list[fl
                 VideoMetadata(total_num_frames=len(c), fps=ex.fps, frames_indices=list(range(k * tp, k * tp + len(c))))
                 for k, c in enumerate(cs)
             )
+            dense["video"] += [chunk_token_labels(ex.cards, k * tp, size, base) for k, size in enumerate(sizes)]
         q0, a0 = ex.turns[0]
-        msgs = build_messages(visual, q0, a0)
+        msgs = build_messages(visual, q0, a0, question_first=question_first)
         for q, a in ex.turns[1:]:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False))
@@ -183,10 +193,32 @@ def conversation_inputs(processor, examples: list[Example], scales: list[list[fl
         kwargs |= {"videos": videos, "video_metadata": metas}
     if images:
         kwargs["images"] = images
-    tok = processor.tokenizer
     batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
-    batch["labels"] = assistant_labels(batch["input_ids"], tok)
-    return batch
+    batch["labels"] = assistant_labels(batch["input_ids"], processor.tokenizer)
+    labels = {
+        k: (torch.from_numpy(np.concatenate([d for d, _ in v])), torch.from_numpy(np.concatenate([c for _, c in v])))
+        for k, v in dense.items()
+        if v
+    }
+    return batch, labels
+
+
+class VisualCapture:
+    """Keeps the merged visual tokens of the model's own forward (one entry per call to the vision tower)."""
+
+    def __init__(self, model):
+        self.outputs: list[torch.Tensor] = []
+        self.handle = model.model.visual.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.outputs.append(output.pooler_output if hasattr(output, "pooler_output") else output)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def assistant_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -225,6 +257,7 @@ class SFTSchedule:
     p_full: float = 0.7
     seed: int = 0
     max_steps: int | None = None  # for tests: stop after this many steps per stage regardless of time
+    question_first: bool = False
 
 
 def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None):
@@ -279,20 +312,25 @@ def train_backbone(
     params = list(model.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
     opt = torch.optim.AdamW(params, lr=schedule.sft_lr, weight_decay=0.0)
 
+    capture = VisualCapture(model)
+
     def sft_step(step, frac):
         for g in opt.param_groups:
             g["lr"] = schedule.sft_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         exs = take(schedule.sft_batch)
         scales = [chunk_scales_for(e, rng, schedule.s_min, schedule.p_full) for e in exs]
-        batch = conversation_inputs(processor, exs, scales)
-        out = model(**batch, output_hidden_states=False)
-        loss = out.loss
+        batch, dense = conversation_inputs(processor, exs, scales, question_first=schedule.question_first)
+        capture.take()
+        loss = model(**batch).loss
         stats = {"lm_loss": round(loss.item(), 4)}
+        feats = capture.take()
         if schedule.dense_weight > 0:
-            pv, grid, ld, lc = dense_batch(exs, scales, processor)
-            dl, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
-            loss = loss + schedule.dense_weight * dl
-            stats["card_digit_acc"] = round(acc, 3)
+            # the model encodes images first, then videos (one vision call each)
+            order = [k for k in ("image", "video") if k in dense]
+            for kind, f in zip(order, feats, strict=True):
+                dl, acc = dense_loss(head, f, *dense[kind])
+                loss = loss + schedule.dense_weight * dl
+                stats[f"{kind}_card_digit_acc"] = round(acc, 3)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,5 +338,6 @@ def train_backbone(
         return stats
 
     _loop("sft", schedule.sft_minutes, schedule.max_steps, sft_step, log)
+    capture.close()
     model.eval()
     return model

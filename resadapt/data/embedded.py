@@ -239,3 +239,143 @@ def grounding_question(digit: int) -> str:
 
 def format_span(start: float, end: float) -> str:
     return f"{start:.1f}-{end:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the benchmark: MP4 / PNG files plus one `datasets` table per split.
+
+
+def _video_rows(vid: str, path: str, cards: list[Card], spec: BenchmarkSpec, num_frames: int, task: str, rng):
+    rows = []
+    meta = {"fps": spec.fps, "num_frames": num_frames, "duration_s": num_frames / spec.fps, "cards": _cards_json(cards)}
+    for i, card in enumerate(cards):
+        rows.append(
+            Sample(
+                id=f"{vid}-q{i}",
+                task=task,
+                media_type="video",
+                media_path=path,
+                question=detail_question(card.colour),
+                answer=str(card.digit),
+                evidence_frames=list(card.frames),
+                **meta,
+            )
+        )
+    if task == "detail_qa":
+        a, b = rng.choice(len(cards), size=2, replace=False)
+        ca, cb = cards[int(a)], cards[int(b)]
+        winner = ca if ca.digit > cb.digit else cb
+        rows.append(
+            Sample(
+                id=f"{vid}-c",
+                task="multi_frame",
+                media_type="video",
+                media_path=path,
+                question=compare_question(ca.colour, cb.colour),
+                answer=winner.colour,
+                options=[ca.colour, cb.colour],
+                evidence_frames=sorted(ca.frames + cb.frames),
+                **meta,
+            )
+        )
+    return rows
+
+
+def write_benchmark(
+    root: str | Path,
+    spec: BenchmarkSpec,
+    sizes: dict[str, dict[str, int]],
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Draw every split, write its media under `root`, and save a `datasets.DatasetDict` at `root/tables`.
+
+    Deterministic: the same (spec, sizes, seed) gives the same frames and rows. Refuses to write into a
+    non-empty `root` (nothing already written is overwritten; DVC clears declared outputs itself).
+    """
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from resadapt.data.video import write_video
+
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"benchmark folder {root} is not empty; remove it first (dvc repro does this)")
+    tables = {}
+    for split_index, split in enumerate(("train", "val", "test")):
+        if split not in sizes:
+            raise KeyError(f"sizes has no entry for split {split!r}")
+        n = sizes[split]
+        rng = np.random.default_rng([seed, split_index])
+        rows: list[Sample] = []
+        media = root / split
+        jobs = (
+            [("card", i) for i in range(n["card_videos"])]
+            + [("grounding", i) for i in range(n["grounding_videos"])]
+            + [("image", i) for i in range(n["images"])]
+            + [("long", i) for i in range(n["long_videos"])]
+        )
+        for kind, i in tqdm(jobs, desc=f"prepare {split}", disable=not progress):
+            vid = f"{split}-{kind}-{i:05d}"
+            if kind == "card":
+                cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch)
+                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
+                rows += _video_rows(vid, str(path), cards, spec, spec.num_frames, "detail_qa", rng)
+            elif kind == "long":
+                cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
+                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
+                rows += _video_rows(vid, str(path), cards, spec, spec.long_num_frames, "long_video", rng)
+            elif kind == "grounding":
+                cards, frames = draw_grounding_video(rng, spec)
+                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
+                target = cards[0]
+                start, end = target.frames[0] / spec.fps, (target.frames[-1] + 1) / spec.fps
+                rows.append(
+                    Sample(
+                        id=f"{vid}-g",
+                        task="grounding",
+                        media_type="video",
+                        media_path=str(path),
+                        question=grounding_question(target.digit),
+                        answer=format_span(start, end),
+                        answer_span=[start, end],
+                        evidence_frames=list(target.frames),
+                        fps=spec.fps,
+                        num_frames=spec.num_frames,
+                        duration_s=spec.num_frames / spec.fps,
+                        cards=_cards_json(cards),
+                    )
+                )
+            else:
+                cards, image = draw_image(rng, spec)
+                path = media / f"{vid}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(path)
+                for q, card in enumerate(cards):
+                    rows.append(
+                        Sample(
+                            id=f"{vid}-q{q}",
+                            task="image_qa",
+                            media_type="image",
+                            media_path=str(path),
+                            question=detail_question(card.colour),
+                            answer=str(card.digit),
+                            evidence_frames=[0],
+                            cards=_cards_json(cards),
+                        )
+                    )
+        tables[split] = Dataset.from_list([asdict(r) for r in rows])
+    dataset = DatasetDict(tables)
+    dataset.save_to_disk(str(root / "tables"))
+    return dataset
+
+
+def load_benchmark(root: str | Path):
+    """The `datasets.DatasetDict` written by `write_benchmark`, with a clear error if it is not there."""
+    from datasets import load_from_disk
+
+    path = Path(root) / "tables"
+    if not path.exists():
+        raise FileNotFoundError(f"no benchmark tables at {path}; run the prepare stage (dvc repro prepare)")
+    return load_from_disk(str(path))

@@ -1,0 +1,236 @@
+"""Typed, validated configuration loaded from params.yaml.
+
+Every stage loads the whole file through `load_params` before it does any work, so a bad value stops the
+pipeline at once with a message naming the key and what is allowed. Unknown keys are errors too: a typo
+must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASKS = ("detail_qa", "multi_frame", "grounding", "image_qa", "long_video")
+METHODS = (
+    "vanilla",
+    "fixed_scale",
+    "random_drop",
+    "tome",
+    "visionzip",
+    "slow_fast",
+    "frame_selection",
+    "oracle",
+    "resadapt",
+    "resadapt_hard",
+)
+ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+Task = Literal["detail_qa", "multi_frame", "grounding", "image_qa", "long_video"]
+Method = Literal[
+    "vanilla",
+    "fixed_scale",
+    "random_drop",
+    "tome",
+    "visionzip",
+    "slow_fast",
+    "frame_selection",
+    "oracle",
+    "resadapt",
+    "resadapt_hard",
+]
+Budget = Annotated[float, Field(gt=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitSizes(_Section):
+    """How many items of each kind a split holds."""
+
+    card_videos: PositiveInt
+    grounding_videos: PositiveInt
+    images: PositiveInt
+    long_videos: PositiveInt
+
+
+class DataParams(_Section):
+    root: str = "data/embedded"
+    frame_size: Annotated[int, Field(ge=56, le=1792)] = 224
+    fps: Annotated[float, Field(gt=0.0, le=60.0)] = 2.0
+    num_frames: PositiveInt = 16
+    long_num_frames: PositiveInt = 64
+    long_card_frames: PositiveInt = 4
+    cards_per_video: Annotated[int, Field(ge=2, le=6)] = 3
+    splits: dict[Literal["train", "val", "test"], SplitSizes]
+
+    @field_validator("frame_size")
+    @classmethod
+    def _multiple_of_cell(cls, v: int) -> int:
+        if v % 28:
+            raise ValueError(f"must be a multiple of 28 (one visual token), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataParams:
+        if self.num_frames % 2:
+            raise ValueError(f"data.num_frames must be even (temporal patch size 2), got {self.num_frames}")
+        if self.long_num_frames < self.num_frames:
+            raise ValueError(
+                f"data.long_num_frames ({self.long_num_frames}) must be >= data.num_frames ({self.num_frames})"
+            )
+        if self.long_card_frames % 2 or self.long_num_frames % self.long_card_frames:
+            raise ValueError(
+                f"data.long_card_frames ({self.long_card_frames}) must be even and divide "
+                f"data.long_num_frames ({self.long_num_frames})"
+            )
+        if self.num_frames // 2 < self.cards_per_video:
+            raise ValueError(
+                f"data.cards_per_video ({self.cards_per_video}) needs at least as many chunks; "
+                f"data.num_frames={self.num_frames} gives {self.num_frames // 2}"
+            )
+        missing = {"train", "val", "test"} - set(self.splits)
+        if missing:
+            raise ValueError(f"data.splits is missing {sorted(missing)}")
+        return self
+
+
+class BudgetParams(_Section):
+    """The visual budget operator's range and the processor's pixel clamps."""
+
+    s_min: Annotated[float, Field(gt=0.0, le=4.0)] = 0.125
+    s_max: Annotated[float, Field(gt=0.0, le=4.0)] = 1.0
+    min_pixels: PositiveInt = 28 * 28
+    max_pixels: PositiveInt = 224 * 224
+    temporal_patch_size: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetParams:
+        if self.s_min >= self.s_max:
+            raise ValueError(f"budget.s_min ({self.s_min}) must be < budget.s_max ({self.s_max})")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"budget.min_pixels ({self.min_pixels}) must be <= budget.max_pixels ({self.max_pixels})")
+        return self
+
+
+class TinyParams(_Section):
+    architecture: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    vocab_size: Annotated[int, Field(ge=300)] = 768
+    hidden_size: PositiveInt = 128
+    intermediate_size: PositiveInt = 384
+    num_hidden_layers: PositiveInt = 4
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt = 2
+    vision_hidden_size: PositiveInt = 64
+    vision_intermediate_size: PositiveInt = 192
+    vision_depth: PositiveInt = 2
+    vision_num_heads: PositiveInt = 2
+
+
+class SFTParams(_Section):
+    dense_minutes: Annotated[float, Field(ge=0.0)] = 3.0
+    sft_minutes: Annotated[float, Field(ge=0.0)] = 10.0
+    dense_batch: PositiveInt = 4
+    sft_batch: PositiveInt = 4
+    dense_lr: Annotated[float, Field(gt=0.0)] = 3e-3
+    sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
+    dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
+    p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    max_steps: PositiveInt | None = None
+
+
+class CalibrationParams(_Section):
+    scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.25, 0.35, 0.5, 0.75]
+    max_samples_per_task: PositiveInt = 150
+    tasks: list[Task] = list(TASKS)
+
+
+class GenerationParams(_Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_new_tokens: PositiveInt = 12
+    batch_size: PositiveInt = 16
+
+
+class BackboneParams(_Section):
+    source: Literal["tiny", "path"] = "tiny"
+    path: str = "models/backbone"
+    tiny: TinyParams = TinyParams()
+    sft: SFTParams = SFTParams()
+    calibration: CalibrationParams = CalibrationParams()
+    generation: GenerationParams = GenerationParams()
+
+
+class EvaluateParams(_Section):
+    methods: list[Method] = ["vanilla", "fixed_scale", "oracle"]
+    budgets: list[Budget] = [0.10, 0.25]
+    frames: list[PositiveInt] = [8, 16, 32, 64]
+    tasks: list[Task] = list(TASKS)
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0)] = 0
+    data: DataParams
+    budget: BudgetParams = BudgetParams()
+    backbone: BackboneParams = BackboneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        fs = self.data.frame_size
+        if fs * fs > self.budget.max_pixels:
+            raise ValueError(
+                f"data.frame_size {fs} gives {fs * fs} pixels, above budget.max_pixels ({self.budget.max_pixels}): "
+                "full resolution would already be downscaled"
+            )
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict, source: str = "params") -> Params:
+    """Validate a params mapping; raise ConfigError listing every bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", require_paths: bool = True) -> Params:
+    """Load and validate params.yaml; with `require_paths`, input paths the config names must exist."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    params = parse_params(data, str(path))
+    if require_paths and params.backbone.source == "path":
+        ckpt = Path(params.backbone.path)
+        if not (ckpt / "config.json").exists():
+            raise ConfigError(
+                f"{path}: backbone.path = {str(ckpt)!r}: no checkpoint there (config.json missing); "
+                "with backbone.source = 'path' it must point at a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder"
+            )
+    return params
