@@ -238,6 +238,7 @@ def build_inputs(
     visuals: list[VisualInput],
     questions: list[str],
     answers: list[str] | None = None,
+    question_first: bool = False,
 ) -> transformers.BatchFeature:
     """Batch model inputs (left-padded) for generation, or with answers appended for teacher forcing.
 
@@ -249,7 +250,7 @@ def build_inputs(
     texts, videos, metas, images = [], [], [], []
     for i, (visual, question) in enumerate(zip(visuals, questions, strict=True)):
         answer = None if answers is None else answers[i]
-        msgs = build_messages(visual, question)
+        msgs = build_messages(visual, question, question_first=question_first)
         text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         if answer is not None:
             text += answer + "<|im_end|>"
@@ -281,3 +282,58 @@ def _answer_labels(input_ids, attention_mask, tokenizer, answers: list[str]) -> 
         n = len(tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         labels[i, -n:] = input_ids[i, -n:]
     return labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation backends.
+
+
+@dataclass
+class Generation:
+    """One generated answer with the cost the backbone paid for it."""
+
+    text: str
+    visual_tokens: int
+    prompt_tokens: int
+    seconds: float  # wall time of the batch this sample was in, divided by the batch size
+
+
+class TransformersBackend:
+    """Batched greedy generation with transformers (left padding, one batch per `batch_size` prompts)."""
+
+    name = "transformers"
+
+    def __init__(self, model, processor, max_new_tokens: int = 12, batch_size: int = 16, question_first: bool = False):
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.question_first = question_first
+        tok = processor.tokenizer
+        self.visual_ids = {tok.convert_tokens_to_ids("<|video_pad|>"), tok.convert_tokens_to_ids("<|image_pad|>")}
+
+    @torch.inference_mode()
+    def generate(self, visuals: list[VisualInput], questions: list[str]) -> list[Generation]:
+        import time
+
+        out: list[Generation] = []
+        for i in range(0, len(visuals), self.batch_size):
+            vis, qs = visuals[i : i + self.batch_size], questions[i : i + self.batch_size]
+            t0 = time.perf_counter()
+            batch = build_inputs(self.processor, vis, qs, question_first=self.question_first)
+            seq = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+            )
+            dt = (time.perf_counter() - t0) / len(vis)
+            new = seq[:, batch["input_ids"].shape[1] :]
+            texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+            ids = batch["input_ids"]
+            mask = batch["attention_mask"].bool()
+            for j, text in enumerate(texts):
+                row = ids[j][mask[j]].tolist()
+                n_vis = sum(t in self.visual_ids for t in row)
+                out.append(Generation(text.strip(), n_vis, len(row), dt))
+        return out

@@ -57,6 +57,7 @@ class SplitSizes(_Section):
     """How many items of each kind a split holds."""
 
     card_videos: PositiveInt
+    compare_videos: PositiveInt
     grounding_videos: PositiveInt
     images: PositiveInt
     long_videos: PositiveInt

@@ -247,9 +247,11 @@ class SFTSchedule:
     """Time-boxed schedule (minutes of wall clock on the machine that runs it), batch sizes and rates."""
 
     dense_minutes: float = 3.0
-    sft_minutes: float = 10.0
+    crop_minutes: float = 3.0
+    sft_minutes: float = 7.0
     dense_batch: int = 4
     sft_batch: int = 4
+    crop_batch: int = 16
     dense_lr: float = 3e-3
     sft_lr: float = 2e-3
     dense_weight: float = 0.2
@@ -258,6 +260,8 @@ class SFTSchedule:
     seed: int = 0
     max_steps: int | None = None  # for tests: stop after this many steps per stage regardless of time
     question_first: bool = False
+    vision_lr_scale: float = 0.1
+    clip: float = 1.0
 
 
 def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None):
@@ -277,18 +281,24 @@ def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None)
 def train_backbone(
     model,
     processor,
-    examples: Callable[[np.random.Generator], Iterator[Example]],
+    examples: Callable[[np.random.Generator, float], Iterator[Example]],
     schedule: SFTSchedule,
     log: Callable[[dict], None] | None = None,
 ):
-    """Run the two-stage recipe in place on `model`; `examples(rng)` yields training examples forever."""
+    """Run the recipe in place on `model`.
+
+    `examples(rng, crop_prob)` yields training examples forever, a `crop_prob` share of card videos in
+    the short curriculum view (`crop_example`).
+    """
     rng = np.random.default_rng(schedule.seed)
     torch.manual_seed(schedule.seed)
     head = DenseHead(model, processor.tokenizer)
-    stream = examples(rng)
+    streams = {}
 
-    def take(n):
-        return [next(stream) for _ in range(n)]
+    def take(n, crop_prob=0.0):
+        if crop_prob not in streams:
+            streams[crop_prob] = examples(rng, crop_prob)
+        return [next(streams[crop_prob]) for _ in range(n)]
 
     model.train()
     vis_params = list(model.model.visual.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
@@ -309,15 +319,25 @@ def train_backbone(
 
     _loop("dense", schedule.dense_minutes, schedule.max_steps, dense_step, log)
 
-    params = list(model.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
-    opt = torch.optim.AdamW(params, lr=schedule.sft_lr, weight_decay=0.0)
+    vision = list(model.model.visual.parameters())
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    rest += [p for n, p in head.named_parameters() if n != "embed.weight"]
+    params = vision + rest
+    # the vision tower is already a reader after stage 1: a smaller rate keeps SFT from wrecking it
+    opt = torch.optim.AdamW(
+        [{"params": vision, "lr_scale": schedule.vision_lr_scale}, {"params": rest, "lr_scale": 1.0}],
+        lr=schedule.sft_lr,
+        weight_decay=0.0,
+    )
 
     capture = VisualCapture(model)
 
-    def sft_step(step, frac):
+    def sft_step(step, frac, crop_prob=0.0, batch_size=schedule.sft_batch, lr=schedule.sft_lr):
         for g in opt.param_groups:
-            g["lr"] = schedule.sft_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        exs = take(schedule.sft_batch)
+            warm = min(1.0, (step + 1) / 20)
+            g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        exs = take(batch_size, crop_prob)
         scales = [chunk_scales_for(e, rng, schedule.s_min, schedule.p_full) for e in exs]
         batch, dense = conversation_inputs(processor, exs, scales, question_first=schedule.question_first)
         capture.take()
@@ -333,11 +353,93 @@ def train_backbone(
                 stats[f"{kind}_card_digit_acc"] = round(acc, 3)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        stats["grad_norm"] = round(float(torch.nn.utils.clip_grad_norm_(params, schedule.clip)), 3)
         opt.step()
         return stats
 
+    def crop_step(step, frac):
+        return sft_step(step, frac, crop_prob=1.0, batch_size=schedule.crop_batch)
+
+    _loop("crop", schedule.crop_minutes, schedule.max_steps, crop_step, log)
     _loop("sft", schedule.sft_minutes, schedule.max_steps, sft_step, log)
     capture.close()
     model.eval()
     return model
+
+
+def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp: int = 2) -> Example:
+    """Curriculum view of a card video: only the chunks holding cards, each cropped to `cells` x `cells`
+    tokens around its card (aligned to the token grid), so a sequence is ~10x shorter and the question
+    still has to pick one card out of several.
+    """
+    if example.is_image:
+        return example
+    grid = example.frames.shape[1] // CELL
+    keep = sorted({f // tp for c in example.cards for f in c.frames})
+    frames, cards = [], []
+    for new_k, k in enumerate(keep):
+        chunk_cards = [c for c in example.cards if k * tp in c.frames]
+        anchor = chunk_cards[0]
+        r0 = int(np.clip(anchor.row - rng.integers(0, cells), 0, grid - cells))
+        c0 = int(np.clip(anchor.col - rng.integers(0, cells), 0, grid - cells))
+        frames.append(example.frames[k * tp : (k + 1) * tp, r0 * CELL : (r0 + cells) * CELL, c0 * CELL : (c0 + cells) * CELL])
+        for c in chunk_cards:
+            if r0 <= c.row < r0 + cells and c0 <= c.col < c0 + cells:
+                cards.append(Card(c.colour, c.glyph, c.row - r0, c.col - c0, tuple(range(new_k * tp, new_k * tp + tp))))
+    visible = {c.colour for c in cards}
+    turns = [(q, a) for q, a in example.turns if any(col in q for col in visible)] or example.turns[:1]
+    return Example(np.concatenate(frames), cards, turns, example.fps, [f for c in cards for f in c.frames])
+
+
+def split_examples(rows: list[dict], root, num_frames: int):
+    """A callable `examples(rng)` for `train_backbone` that reads a benchmark split from disk.
+
+    Questions about the same video become the turns of one conversation. Videos are decoded from their
+    MP4 files (sampled to `num_frames`), so training sees exactly what the pipeline's readers produce.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from resadapt.data.embedded import cards_from_json
+    from resadapt.data.video import read_video
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["media_path"], []).append(r)
+    keys = sorted(groups)
+    if not keys:
+        raise ValueError("no training rows")
+
+    def load(key: str, rng: np.random.Generator) -> Example:
+        rs = groups[key]
+        cards = cards_from_json(rs[0]["cards"])
+        order = rng.permutation(len(rs))
+        turns = [(rs[i]["question"], rs[i]["answer"]) for i in order]
+        evidence = sorted({f for r in rs for f in r["evidence_frames"]})
+        path = Path(root) / key
+        if rs[0]["media_type"] == "image":
+            image = np.asarray(Image.open(path).convert("RGB"))
+            return Example(image, cards, turns, 0.0, [0], is_image=True)
+        frames, meta = read_video(path, num_frames)
+        # re-index cards and evidence onto the sampled frames
+        pos = {src: i for i, src in enumerate(meta.frame_indices)}
+        cards = [
+            Card(c.colour, c.glyph, c.row, c.col, tuple(pos[f] for f in c.frames if f in pos))
+            for c in cards
+            if any(f in pos for f in c.frames)
+        ]
+        ev = [pos[f] for f in evidence if f in pos]
+        return Example(frames, cards, turns, meta.fps * len(meta.frame_indices) / meta.total_num_frames, ev)
+
+    def examples(rng: np.random.Generator, crop_prob: float = 0.0):
+        while True:
+            for i in rng.permutation(len(keys)):
+                ex = load(keys[i], rng)
+                if crop_prob > 0 and not ex.is_image and rng.random() < crop_prob and all(
+                    len(c.frames) >= 2 for c in ex.cards
+                ):
+                    ex = crop_example(ex, rng)
+                yield ex
+
+    return examples

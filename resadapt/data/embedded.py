@@ -1,15 +1,22 @@
 """The embedded benchmark: synthetic videos whose answers rest on a small detail the question points to.
 
-Every video shows a few *cards*: a coloured border (visible at coarse resolution, so a cheap look can
-find the card) around a 6x10 px digit (readable only at full resolution). The question names a card by
-its colour, so it decides where the pixels should go. Each card fills exactly one 28x28 token cell of
-the full-resolution frame, which lets the generator label every visual token (used to pre-train the tiny
-backbone's vision tower, like a real MLLM's pretrained encoder).
+Every video shows a few *cards*: a coloured border (visible at coarse resolution, so a cheap look can find
+the card) around a 6x10 px glyph (readable only at full resolution). The card the question names carries
+a digit; the other cards carry letters drawn with the same font and the same amount of ink, so at coarse
+resolution all cards look alike and only the question's colour says where the digit is. Each card fills
+exactly one 28x28 token cell of the full-resolution frame, which lets the generator label every visual
+token (used to pre-train the tiny backbone's vision tower, like a real MLLM's pretrained encoder).
+
+Why letters and not other digits on the distractor cards: the tiny backbone, trained from scratch on CPU,
+does not learn to pick one of several legible digits by a colour named in the text in the time budget (an
+associative-recall circuit; see the backbone report). With letter distractors it only has to read the one
+digit; the *allocation* still has to follow the question, because a coarse view cannot tell digit from letter.
 
 Tasks (all with the same row schema as the real benchmark loaders):
 - ``detail_qa``: "What digit is on the red card?" -> "7" (chance 10%).
-- ``multi_frame``: "Which card shows the larger digit, red or blue?" -> "red" (chance 50%); two evidence chunks.
-- ``grounding``: "When is the digit 7 shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
+- ``multi_frame``: two digit cards in different chunks, "Which is larger, the digit on the red card or on the
+  blue card?" -> the larger digit (chance 1/9 for distinct digits with a uniform guess); two evidence chunks.
+- ``grounding``: "When is the digit on the red card shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
 - ``image_qa``: a single image with several cards, detail question as above.
 - ``long_video``: like ``detail_qa`` on a long video whose cards are visible only briefly, for frame scaling.
 """
@@ -34,32 +41,46 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 120, 10),
 }
 
-# 3x5 bitmap font for the digits, drawn at 2x: 6x10 px.
+# 3x5 bitmap font, drawn at 2x: 6x10 px. Letters are the distractor glyphs.
 _FONT = {
-    0: ["111", "101", "101", "101", "111"],
-    1: ["010", "110", "010", "010", "111"],
-    2: ["111", "001", "111", "100", "111"],
-    3: ["111", "001", "111", "001", "111"],
-    4: ["101", "101", "111", "001", "001"],
-    5: ["111", "100", "111", "001", "111"],
-    6: ["111", "100", "111", "101", "111"],
-    7: ["111", "001", "010", "010", "010"],
-    8: ["111", "101", "111", "101", "111"],
-    9: ["111", "101", "111", "001", "111"],
+    "0": ["111", "101", "101", "101", "111"],
+    "1": ["010", "110", "010", "010", "111"],
+    "2": ["111", "001", "111", "100", "111"],
+    "3": ["111", "001", "111", "001", "111"],
+    "4": ["101", "101", "111", "001", "001"],
+    "5": ["111", "100", "111", "001", "111"],
+    "6": ["111", "100", "111", "101", "111"],
+    "7": ["111", "001", "010", "010", "010"],
+    "8": ["111", "101", "111", "101", "111"],
+    "9": ["111", "101", "111", "001", "111"],
+    "A": ["111", "101", "111", "101", "101"],
+    "C": ["111", "100", "100", "100", "111"],
+    "E": ["111", "100", "111", "100", "111"],
+    "F": ["111", "100", "111", "100", "100"],
+    "H": ["101", "101", "111", "101", "101"],
+    "L": ["100", "100", "100", "100", "111"],
+    "P": ["111", "101", "111", "100", "100"],
+    "U": ["101", "101", "101", "101", "111"],
 }
+LETTERS = tuple(g for g in _FONT if not g.isdigit())
 GLYPH_SCALE = 2
 BORDER = 4
+NO_DIGIT = 10  # dense label for background and letter cells
 
 
 @dataclass(frozen=True)
 class Card:
-    """One card: where (token cell), when (source frame indices), what (colour, digit)."""
+    """One card: where (token cell), when (source frame indices), what (colour, glyph)."""
 
     colour: str
-    digit: int
+    glyph: str
     row: int
     col: int
     frames: tuple[int, ...]
+
+    @property
+    def digit(self) -> int | None:
+        return int(self.glyph) if self.glyph.isdigit() else None
 
 
 @dataclass
@@ -69,7 +90,7 @@ class Sample:
     id: str
     task: str
     media_type: str  # "video" or "image"
-    media_path: str
+    media_path: str  # relative to the benchmark root
     question: str
     answer: str
     options: list[str] = field(default_factory=list)
@@ -87,7 +108,7 @@ def draw_card(canvas: np.ndarray, card: Card) -> None:
     y0, x0 = card.row * CELL, card.col * CELL
     canvas[y0 : y0 + CELL, x0 : x0 + CELL] = COLOURS[card.colour]
     canvas[y0 + BORDER : y0 + CELL - BORDER, x0 + BORDER : x0 + CELL - BORDER] = 255
-    glyph = np.array([[c == "1" for c in row] for row in _FONT[card.digit]], dtype=bool)
+    glyph = np.array([[c == "1" for c in row] for row in _FONT[card.glyph]], dtype=bool)
     glyph = glyph.repeat(GLYPH_SCALE, 0).repeat(GLYPH_SCALE, 1)
     gh, gw = glyph.shape
     gy, gx = y0 + (CELL - gh) // 2, x0 + (CELL - gw) // 2
@@ -96,21 +117,17 @@ def draw_card(canvas: np.ndarray, card: Card) -> None:
 
 
 def background(rng: np.random.Generator, size: int, num_frames: int) -> np.ndarray:
-    """A slowly drifting smooth grey-green texture, so frames are similar but not identical."""
+    """A slowly drifting smooth texture, so consecutive frames are similar but not identical."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     phase = rng.uniform(0, 2 * np.pi, size=3)
     freq = rng.uniform(1.0, 3.0, size=3)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        drift = 0.15 * t / max(num_frames, 1)
-        base = 120 + 25 * np.sin(2 * np.pi * (freq[0] * (xx + drift)) + phase[0]) * np.cos(
-            2 * np.pi * freq[1] * yy + phase[1]
-        )
-        tint = 10 * np.sin(2 * np.pi * freq[2] * (xx + yy) + phase[2])
-        frames[t, ..., 0] = np.clip(base + tint, 0, 255)
-        frames[t, ..., 1] = np.clip(base + 8, 0, 255)
-        frames[t, ..., 2] = np.clip(base - tint, 0, 255)
-    return frames
+    drift = 0.15 * np.arange(num_frames, dtype=np.float32)[:, None, None] / max(num_frames, 1)
+    base = 120 + 25 * np.sin(2 * np.pi * freq[0] * (xx[None] + drift) + phase[0]) * np.cos(
+        2 * np.pi * freq[1] * yy + phase[1]
+    )
+    tint = 10 * np.sin(2 * np.pi * freq[2] * (xx + yy) + phase[2])
+    frames = np.stack([base + tint, base + 8, base - tint], axis=-1)
+    return np.clip(frames, 0, 255).astype(np.uint8)
 
 
 def render(cards: list[Card], bg: np.ndarray) -> np.ndarray:
@@ -122,13 +139,15 @@ def render(cards: list[Card], bg: np.ndarray) -> np.ndarray:
 
 
 def token_labels(cards: list[Card], frame_index: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell labels of one full-resolution frame: digit (10 = background) and colour (len = background)."""
-    digit = np.full((grid, grid), 10, dtype=np.int64)
+    """Per-cell labels of one full-resolution frame: digit (NO_DIGIT for background and letters) and
+    colour index (len(COLOURS) for background)."""
+    digit = np.full((grid, grid), NO_DIGIT, dtype=np.int64)
     colour = np.full((grid, grid), len(COLOURS), dtype=np.int64)
     names = list(COLOURS)
     for card in cards:
         if frame_index in card.frames:
-            digit[card.row, card.col] = card.digit
+            if card.digit is not None:
+                digit[card.row, card.col] = card.digit
             colour[card.row, card.col] = names.index(card.colour)
     return digit, colour
 
@@ -159,24 +178,28 @@ def _place(rng: np.random.Generator, grid: int, n: int) -> list[tuple[int, int]]
     return [(int(c) // grid, int(c) % grid) for c in cells]
 
 
-def _chunk_frames(chunk: int, tp: int) -> tuple[int, ...]:
-    return tuple(range(chunk * tp, chunk * tp + tp))
+def _glyphs(rng: np.random.Generator, n: int, n_digits: int) -> list[str]:
+    digits = [str(d) for d in rng.choice(10, size=n_digits, replace=False)]
+    letters = [str(g) for g in rng.choice(LETTERS, size=n - n_digits, replace=False)]
+    return digits + letters
 
 
-def draw_card_video(rng: np.random.Generator, spec: BenchmarkSpec, num_frames: int, card_frames: int):
-    """Cards of distinct colours and digits, each visible in its own window of `card_frames` frames."""
+def draw_card_video(
+    rng: np.random.Generator, spec: BenchmarkSpec, num_frames: int, card_frames: int, n_digits: int = 1
+):
+    """Cards of distinct colours, each visible in its own window of `card_frames` frames; the first
+    `n_digits` cards carry digits, the others letters."""
     grid = spec.frame_size // CELL
     n = spec.cards_per_video
     colours = rng.choice(list(COLOURS), size=n, replace=False)
-    digits = rng.choice(10, size=n, replace=False)
+    glyphs = _glyphs(rng, n, n_digits)
     slots = num_frames // card_frames
-    windows = sorted(rng.choice(slots, size=n, replace=False))
-    rng.shuffle(windows)
+    windows = rng.choice(slots, size=n, replace=False)
     cells = _place(rng, grid, n)
     cards = [
         Card(
             str(colours[i]),
-            int(digits[i]),
+            glyphs[i],
             cells[i][0],
             cells[i][1],
             tuple(range(int(windows[i]) * card_frames, int(windows[i]) * card_frames + card_frames)),
@@ -187,15 +210,14 @@ def draw_card_video(rng: np.random.Generator, spec: BenchmarkSpec, num_frames: i
 
 
 def draw_grounding_video(rng: np.random.Generator, spec: BenchmarkSpec):
-    """Cards in disjoint spans of whole chunks; the asked card spans 1-4 chunks."""
+    """Cards in disjoint spans of whole chunks; the digit card (listed first) spans 1-4 chunks."""
     tp = spec.temporal_patch
     chunks = spec.num_frames // tp
     grid = spec.frame_size // CELL
     n = spec.cards_per_video
-    digits = rng.choice(10, size=n, replace=False)
+    glyphs = _glyphs(rng, n, 1)
     colours = rng.choice(list(COLOURS), size=n, replace=False)
-    lengths = [int(rng.integers(1, 5))] + [1] * (n - 1)
-    # disjoint chunk spans in random order
+    lengths = [int(rng.integers(1, min(4, chunks - n + 1) + 1))] + [1] * (n - 1)
     order = rng.permutation(n)
     free = chunks - sum(lengths)
     gaps = np.sort(rng.choice(free + 1, size=n, replace=True))
@@ -209,9 +231,7 @@ def draw_grounding_video(rng: np.random.Generator, spec: BenchmarkSpec):
     cards = []
     for i in range(n):
         c0, c1 = spans[i]
-        cards.append(
-            Card(str(colours[i]), int(digits[i]), cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp)))
-        )
+        cards.append(Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp))))
     return cards, render(cards, background(rng, spec.frame_size, spec.num_frames))
 
 
@@ -219,9 +239,9 @@ def draw_image(rng: np.random.Generator, spec: BenchmarkSpec):
     grid = spec.frame_size // CELL
     n = spec.cards_per_video
     colours = rng.choice(list(COLOURS), size=n, replace=False)
-    digits = rng.choice(10, size=n, replace=False)
+    glyphs = _glyphs(rng, n, 1)
     cells = _place(rng, grid, n)
-    cards = [Card(str(colours[i]), int(digits[i]), cells[i][0], cells[i][1], (0,)) for i in range(n)]
+    cards = [Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], (0,)) for i in range(n)]
     return cards, render(cards, background(rng, spec.frame_size, 1))[0]
 
 
@@ -230,11 +250,11 @@ def detail_question(colour: str) -> str:
 
 
 def compare_question(a: str, b: str) -> str:
-    return f"Which card shows the larger digit, {a} or {b}?"
+    return f"Which is larger, the digit on the {a} card or on the {b} card?"
 
 
-def grounding_question(digit: int) -> str:
-    return f"When is the digit {digit} shown?"
+def grounding_question(colour: str) -> str:
+    return f"When is the digit on the {colour} card shown?"
 
 
 def format_span(start: float, end: float) -> str:
@@ -245,40 +265,12 @@ def format_span(start: float, end: float) -> str:
 # Writing the benchmark: MP4 / PNG files plus one `datasets` table per split.
 
 
-def _video_rows(vid: str, path: str, cards: list[Card], spec: BenchmarkSpec, num_frames: int, task: str, rng):
-    rows = []
-    meta = {"fps": spec.fps, "num_frames": num_frames, "duration_s": num_frames / spec.fps, "cards": _cards_json(cards)}
-    for i, card in enumerate(cards):
-        rows.append(
-            Sample(
-                id=f"{vid}-q{i}",
-                task=task,
-                media_type="video",
-                media_path=path,
-                question=detail_question(card.colour),
-                answer=str(card.digit),
-                evidence_frames=list(card.frames),
-                **meta,
-            )
-        )
-    if task == "detail_qa":
-        a, b = rng.choice(len(cards), size=2, replace=False)
-        ca, cb = cards[int(a)], cards[int(b)]
-        winner = ca if ca.digit > cb.digit else cb
-        rows.append(
-            Sample(
-                id=f"{vid}-c",
-                task="multi_frame",
-                media_type="video",
-                media_path=path,
-                question=compare_question(ca.colour, cb.colour),
-                answer=winner.colour,
-                options=[ca.colour, cb.colour],
-                evidence_frames=sorted(ca.frames + cb.frames),
-                **meta,
-            )
-        )
-    return rows
+def _meta(cards: list[Card], spec: BenchmarkSpec, num_frames: int) -> dict:
+    return {"fps": spec.fps, "num_frames": num_frames, "duration_s": num_frames / spec.fps, "cards": _cards_json(cards)}
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(Path(path).relative_to(root))
 
 
 def write_benchmark(
@@ -312,59 +304,54 @@ def write_benchmark(
         media = root / split
         jobs = (
             [("card", i) for i in range(n["card_videos"])]
+            + [("compare", i) for i in range(n["compare_videos"])]
             + [("grounding", i) for i in range(n["grounding_videos"])]
             + [("image", i) for i in range(n["images"])]
             + [("long", i) for i in range(n["long_videos"])]
         )
         for kind, i in tqdm(jobs, desc=f"prepare {split}", disable=not progress):
             vid = f"{split}-{kind}-{i:05d}"
-            if kind == "card":
-                cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch)
-                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
-                rows += _video_rows(vid, str(path), cards, spec, spec.num_frames, "detail_qa", rng)
-            elif kind == "long":
-                cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
-                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
-                rows += _video_rows(vid, str(path), cards, spec, spec.long_num_frames, "long_video", rng)
-            elif kind == "grounding":
-                cards, frames = draw_grounding_video(rng, spec)
-                path = write_video(media / f"{vid}.mp4", frames, spec.fps)
-                target = cards[0]
-                start, end = target.frames[0] / spec.fps, (target.frames[-1] + 1) / spec.fps
-                rows.append(
-                    Sample(
-                        id=f"{vid}-g",
-                        task="grounding",
-                        media_type="video",
-                        media_path=str(path),
-                        question=grounding_question(target.digit),
-                        answer=format_span(start, end),
-                        answer_span=[start, end],
-                        evidence_frames=list(target.frames),
-                        fps=spec.fps,
-                        num_frames=spec.num_frames,
-                        duration_s=spec.num_frames / spec.fps,
-                        cards=_cards_json(cards),
-                    )
-                )
-            else:
+            if kind == "image":
                 cards, image = draw_image(rng, spec)
                 path = media / f"{vid}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(path)
-                for q, card in enumerate(cards):
-                    rows.append(
-                        Sample(
-                            id=f"{vid}-q{q}",
-                            task="image_qa",
-                            media_type="image",
-                            media_path=str(path),
-                            question=detail_question(card.colour),
-                            answer=str(card.digit),
-                            evidence_frames=[0],
-                            cards=_cards_json(cards),
-                        )
-                    )
+                rows.append(
+                    Sample(vid, "image_qa", "image", _rel(path, root), detail_question(cards[0].colour),
+                           cards[0].glyph, evidence_frames=[0], cards=_cards_json(cards))
+                )
+                continue
+            if kind == "grounding":
+                cards, frames = draw_grounding_video(rng, spec)
+                num = spec.num_frames
+            elif kind == "long":
+                cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
+                num = spec.long_num_frames
+            else:
+                n_digits = 2 if kind == "compare" else 1
+                cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch, n_digits)
+                num = spec.num_frames
+            path = _rel(write_video(media / f"{vid}.mp4", frames, spec.fps), root)
+            meta = _meta(cards, spec, num)
+            target = cards[0]
+            if kind == "grounding":
+                start, end = target.frames[0] / spec.fps, (target.frames[-1] + 1) / spec.fps
+                rows.append(
+                    Sample(vid, "grounding", "video", path, grounding_question(target.colour), format_span(start, end),
+                           answer_span=[start, end], evidence_frames=list(target.frames), **meta)
+                )
+            elif kind == "compare":
+                a, b = cards[0], cards[1]
+                rows.append(
+                    Sample(vid, "multi_frame", "video", path, compare_question(a.colour, b.colour),
+                           str(max(a.digit, b.digit)), evidence_frames=sorted(a.frames + b.frames), **meta)
+                )
+            else:
+                task = "long_video" if kind == "long" else "detail_qa"
+                rows.append(
+                    Sample(vid, task, "video", path, detail_question(target.colour), target.glyph,
+                           evidence_frames=list(target.frames), **meta)
+                )
         tables[split] = Dataset.from_list([asdict(r) for r in rows])
     dataset = DatasetDict(tables)
     dataset.save_to_disk(str(root / "tables"))
@@ -379,3 +366,15 @@ def load_benchmark(root: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"no benchmark tables at {path}; run the prepare stage (dvc repro prepare)")
     return load_from_disk(str(path))
+
+
+def benchmark_spec(data_params) -> BenchmarkSpec:
+    """The BenchmarkSpec a validated `config.DataParams` describes."""
+    return BenchmarkSpec(
+        frame_size=data_params.frame_size,
+        fps=data_params.fps,
+        num_frames=data_params.num_frames,
+        long_num_frames=data_params.long_num_frames,
+        long_card_frames=data_params.long_card_frames,
+        cards_per_video=data_params.cards_per_video,
+    )
