@@ -93,7 +93,11 @@ def tiny_config(spec: TinyBackboneSpec, tokenizer) -> transformers.PretrainedCon
     }
     cfg_cls = getattr(transformers, ARCHITECTURES[spec.architecture][0])
     if spec.architecture == "qwen2_5_vl":
-        vision |= {"fullatt_block_indexes": [spec.vision_depth - 1], "window_size": 112, "tokens_per_second": 2}
+        vision |= {
+            "fullatt_block_indexes": [spec.vision_depth - 1],
+            "window_size": 112,
+            "tokens_per_second": 2,
+        }
     elif spec.architecture == "qwen2_vl":
         vision = {
             "depth": spec.vision_depth,
@@ -303,14 +307,19 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model, processor, max_new_tokens: int = 12, batch_size: int = 16, question_first: bool = False):
+    def __init__(
+        self, model, processor, max_new_tokens: int = 12, batch_size: int = 16, question_first: bool = False
+    ):
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.question_first = question_first
         tok = processor.tokenizer
-        self.visual_ids = {tok.convert_tokens_to_ids("<|video_pad|>"), tok.convert_tokens_to_ids("<|image_pad|>")}
+        self.visual_ids = {
+            tok.convert_tokens_to_ids("<|video_pad|>"),
+            tok.convert_tokens_to_ids("<|image_pad|>"),
+        }
 
     @torch.inference_mode()
     def generate(self, visuals: list[VisualInput], questions: list[str]) -> list[Generation]:

@@ -74,7 +74,9 @@ def condition_scales(name: str, sample: LoadedSample, s_min: float, tp: int) -> 
     raise ValueError(f"unknown calibration condition {name!r}")
 
 
-def apply_scales(sample: LoadedSample, scales: np.ndarray, geom: VisionGeometry) -> tuple[VisualInput, int, int]:
+def apply_scales(
+    sample: LoadedSample, scales: np.ndarray, geom: VisionGeometry
+) -> tuple[VisualInput, int, int]:
     """The backbone input for these scales, its visual tokens and the tokens of the unmodified input."""
     if sample.is_image:
         img, tokens = resize_image(sample.frames, float(scales[0]), geom)

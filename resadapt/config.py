@@ -77,7 +77,7 @@ class DataParams(_Section):
     @classmethod
     def _multiple_of_cell(cls, v: int) -> int:
         if v % 28:
-            raise ValueError(f"must be a multiple of 28 (one visual token), got {v}")
+            raise ValueError("must be a multiple of 28 (one visual token)")
         return v
 
     @model_validator(mode="after")
@@ -118,7 +118,9 @@ class BudgetParams(_Section):
         if self.s_min >= self.s_max:
             raise ValueError(f"budget.s_min ({self.s_min}) must be < budget.s_max ({self.s_max})")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"budget.min_pixels ({self.min_pixels}) must be <= budget.max_pixels ({self.max_pixels})")
+            raise ValueError(
+                f"budget.min_pixels ({self.min_pixels}) must be <= budget.max_pixels ({self.max_pixels})"
+            )
         return self
 
 
@@ -138,13 +140,17 @@ class TinyParams(_Section):
 
 class SFTParams(_Section):
     dense_minutes: Annotated[float, Field(ge=0.0)] = 3.0
-    sft_minutes: Annotated[float, Field(ge=0.0)] = 10.0
-    dense_batch: PositiveInt = 4
+    crop_minutes: Annotated[float, Field(ge=0.0)] = 3.0
+    sft_minutes: Annotated[float, Field(ge=0.0)] = 7.0
+    dense_batch: PositiveInt = 16
+    crop_batch: PositiveInt = 16
     sft_batch: PositiveInt = 4
     dense_lr: Annotated[float, Field(gt=0.0)] = 3e-3
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    clip: Annotated[float, Field(gt=0.0)] = 1.0
     max_steps: PositiveInt | None = None
 
 
@@ -162,7 +168,8 @@ class GenerationParams(_Section):
 
 class BackboneParams(_Section):
     source: Literal["tiny", "path"] = "tiny"
-    path: str = "models/backbone"
+    path: str = "models/backbone"  # the stage's output folder (tiny model, or a pointer to `checkpoint`)
+    checkpoint: str | None = None  # source: path -> a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder
     tiny: TinyParams = TinyParams()
     sft: SFTParams = SFTParams()
     calibration: CalibrationParams = CalibrationParams()
@@ -194,6 +201,45 @@ class Params(_Section):
         return self
 
 
+def _field_range(loc: tuple) -> str | None:
+    """The allowed interval of the numeric field at `loc`, written like (0, 1]."""
+    model: type[BaseModel] | None = Params
+    info = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if isinstance(part, int) or part in ("train", "val", "test"):
+                continue
+            return None
+        info = model.model_fields[part]
+        ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None and args:
+            # list[Annotated[float, Field(...)]] keeps its bounds on the item type
+            inner = [a for a in args if hasattr(a, "__metadata__")]
+            if inner:
+                info = inner[0]
+    metadata = getattr(info, "metadata", None) or getattr(info, "__metadata__", ())
+    lo = hi = None
+    lo_open = hi_open = True
+    for m in metadata:
+        for c in getattr(m, "metadata", [m]):
+            if getattr(c, "gt", None) is not None:
+                lo, lo_open = c.gt, True
+            if getattr(c, "ge", None) is not None:
+                lo, lo_open = c.ge, False
+            if getattr(c, "lt", None) is not None:
+                hi, hi_open = c.lt, True
+            if getattr(c, "le", None) is not None:
+                hi, hi_open = c.le, False
+    if lo is None and hi is None:
+        return None
+    left = "(" if lo_open or lo is None else "["
+    right = ")" if hi_open or hi is None else "]"
+    return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid parameters"]
     for e in err.errors():
@@ -201,8 +247,13 @@ def _format(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
+        bounds = _field_range(e["loc"])
+        if bounds and e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg = f"must be in {bounds}"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        shown = (
+            "" if isinstance(got, dict) or e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        )
         lines.append(f"  {key}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -228,10 +279,10 @@ def load_params(path: str | Path = "params.yaml", require_paths: bool = True) ->
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     params = parse_params(data, str(path))
     if require_paths and params.backbone.source == "path":
-        ckpt = Path(params.backbone.path)
-        if not (ckpt / "config.json").exists():
+        ckpt = params.backbone.checkpoint
+        if ckpt is None or not (Path(ckpt) / "config.json").exists():
             raise ConfigError(
-                f"{path}: backbone.path = {str(ckpt)!r}: no checkpoint there (config.json missing); "
-                "with backbone.source = 'path' it must point at a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder"
+                f"{path}: backbone.checkpoint = {ckpt!r}: no checkpoint there (config.json missing); "
+                "with backbone.source = 'path' it must name a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder"
             )
     return params

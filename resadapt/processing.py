@@ -43,9 +43,7 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 # Qwen2's pre-tokenizer pattern: digits are split one by one, which keeps every number made of digit tokens.
-QWEN_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 _CORPUS_WORDS = (
     "the a an of on in at to is are was what which who when where how many much card cards digit digits number "
@@ -111,7 +109,9 @@ def build_tokenizer(vocab_size: int = 768, seed: int = 0):
     return fast
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+):
     """Qwen's rounding rule: both sides multiples of `factor`, area clamped into [min_pixels, max_pixels]."""
     if height < 1 or width < 1:
         raise ValueError(f"smart_resize needs a positive size, got {height}x{width}")
@@ -203,7 +203,9 @@ class QwenVideoProcessor(VideoProcessorMixin):
         all_patches, grids, metas = [], [], []
         for video, meta in zip(videos, video_metadata, strict=True):
             if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-                raise ValueError(f"a video must be a (T, H, W, 3) uint8 array, got {video.shape} {video.dtype}")
+                raise ValueError(
+                    f"a video must be a (T, H, W, 3) uint8 array, got {video.shape} {video.dtype}"
+                )
             h, w = self.target_size(video.shape[1], video.shape[2])
             x = _resize_frames(video, h, w).astype(np.float32) / 255.0
             x = (x - mean) / std
@@ -211,7 +213,9 @@ class QwenVideoProcessor(VideoProcessorMixin):
             all_patches.append(patches)
             grids.append(grid)
             if meta is None:
-                meta = VideoMetadata(total_num_frames=len(video), fps=2.0, frames_indices=list(range(len(video))))
+                meta = VideoMetadata(
+                    total_num_frames=len(video), fps=2.0, frames_indices=list(range(len(video)))
+                )
             elif isinstance(meta, dict):
                 meta = VideoMetadata(**meta)
             metas.append(meta)
@@ -323,7 +327,9 @@ def load_processor(path: str | Path, processor_class: str | None = None):
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         processor_class = cfg.get("processor_class", "Qwen2_5_VLProcessor")
     if processor_class not in PROCESSOR_CLASSES:
-        raise ValueError(f"{path}: processor class {processor_class!r} is not one of {sorted(PROCESSOR_CLASSES)}")
+        raise ValueError(
+            f"{path}: processor class {processor_class!r} is not one of {sorted(PROCESSOR_CLASSES)}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_cfg = json.loads((path / "preprocessor_config.json").read_text())
     size = image_cfg.get("size") or {}

@@ -30,6 +30,9 @@ def choice_score(prediction: str, answer: str, options: list[str]) -> float:
         idx = ord(m.group(1)) - 65
         if 0 <= idx < len(options):
             return float(normalise(options[idx]) == normalise(answer) or m.group(1) == answer.strip())
+    for i, option in enumerate(options):
+        if normalise(pred) == normalise(option):
+            return float(normalise(option) == normalise(answer) or chr(65 + i) == answer.strip())
     return short_answer_score(pred, answer)
 
 

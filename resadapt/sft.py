@@ -68,7 +68,9 @@ def resize_chunks(frames: np.ndarray, scales: list[float], processor, tp: int = 
         chunk = frames[k * tp : (k + 1) * tp]
         h, w = vp.target_size(max(1, int(h0 * s)), max(1, int(w0 * s)))
         if (h, w) != (h0, w0):
-            chunk = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in chunk])
+            chunk = np.stack(
+                [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in chunk]
+            )
         chunks.append(chunk)
         sizes.append((h, w))
     return chunks, sizes
@@ -119,7 +121,11 @@ def video_features(model, pixel_values_videos, video_grid_thw):
 
 
 def dense_batch(
-    examples: list[Example], scales: list[list[float]], processor, tp: int = 2, rng: np.random.Generator | None = None
+    examples: list[Example],
+    scales: list[list[float]],
+    processor,
+    tp: int = 2,
+    rng: np.random.Generator | None = None,
 ):
     """Pixel values, grids and token labels for the chunks of a batch of videos.
 
@@ -138,8 +144,11 @@ def dense_batch(
             labels_c.append(col)
     vp = processor.video_processor
     out = vp(chunks)
-    return out["pixel_values_videos"], out["video_grid_thw"], torch.from_numpy(np.concatenate(labels_d)), torch.from_numpy(
-        np.concatenate(labels_c)
+    return (
+        out["pixel_values_videos"],
+        out["video_grid_thw"],
+        torch.from_numpy(np.concatenate(labels_d)),
+        torch.from_numpy(np.concatenate(labels_c)),
     )
 
 
@@ -154,9 +163,7 @@ def dense_loss(head: DenseHead, feats: torch.Tensor, labels_d: torch.Tensor, lab
     return loss, acc
 
 
-def conversation_inputs(
-    processor, examples: list[Example], scales: list[list[float]], tp: int = 2, question_first: bool = False
-):
+def conversation_inputs(processor, examples: list[Example], scales: list[list[float]], tp: int = 2):
     """Multi-turn SFT batch (every assistant turn labelled) and the dense token labels of its visual inputs.
 
     Dense labels come back per modality in the order the model encodes them (images, then video chunks),
@@ -179,12 +186,16 @@ def conversation_inputs(
             visual = VisualInput(chunks=cs, chunk_times=times, fps=ex.fps)
             videos.extend(cs)
             metas.extend(
-                VideoMetadata(total_num_frames=len(c), fps=ex.fps, frames_indices=list(range(k * tp, k * tp + len(c))))
+                VideoMetadata(
+                    total_num_frames=len(c), fps=ex.fps, frames_indices=list(range(k * tp, k * tp + len(c)))
+                )
                 for k, c in enumerate(cs)
             )
-            dense["video"] += [chunk_token_labels(ex.cards, k * tp, size, base) for k, size in enumerate(sizes)]
+            dense["video"] += [
+                chunk_token_labels(ex.cards, k * tp, size, base) for k, size in enumerate(sizes)
+            ]
         q0, a0 = ex.turns[0]
-        msgs = build_messages(visual, q0, a0, question_first=question_first)
+        msgs = build_messages(visual, q0, a0)
         for q, a in ex.turns[1:]:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False))
@@ -196,7 +207,10 @@ def conversation_inputs(
     batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
     batch["labels"] = assistant_labels(batch["input_ids"], processor.tokenizer)
     labels = {
-        k: (torch.from_numpy(np.concatenate([d for d, _ in v])), torch.from_numpy(np.concatenate([c for _, c in v])))
+        k: (
+            torch.from_numpy(np.concatenate([d for d, _ in v])),
+            torch.from_numpy(np.concatenate([c for _, c in v])),
+        )
         for k, v in dense.items()
         if v
     }
@@ -249,7 +263,7 @@ class SFTSchedule:
     dense_minutes: float = 3.0
     crop_minutes: float = 3.0
     sft_minutes: float = 7.0
-    dense_batch: int = 4
+    dense_batch: int = 16
     sft_batch: int = 4
     crop_batch: int = 16
     dense_lr: float = 3e-3
@@ -259,7 +273,6 @@ class SFTSchedule:
     p_full: float = 0.7
     seed: int = 0
     max_steps: int | None = None  # for tests: stop after this many steps per stage regardless of time
-    question_first: bool = False
     vision_lr_scale: float = 0.1
     clip: float = 1.0
 
@@ -269,7 +282,7 @@ def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None)
     step = 0
     while True:
         elapsed = time.time() - t0
-        if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed > minutes * 60):
+        if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed >= minutes * 60):
             break
         stats = step_fn(step, elapsed / max(minutes * 60, 1e-9))
         step += 1
@@ -301,13 +314,16 @@ def train_backbone(
         return [next(streams[crop_prob]) for _ in range(n)]
 
     model.train()
-    vis_params = list(model.model.visual.parameters()) + [p for n, p in head.named_parameters() if n != "embed.weight"]
+    vis_params = list(model.model.visual.parameters()) + [
+        p for n, p in head.named_parameters() if n != "embed.weight"
+    ]
     opt = torch.optim.AdamW(vis_params + [head.embed.weight], lr=schedule.dense_lr, weight_decay=0.0)
 
     def dense_step(step, frac):
         for g in opt.param_groups:
             g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
-        exs = take(schedule.dense_batch)
+        # short crop views: every card at full detail with little background, so a step is cheap
+        exs = take(schedule.dense_batch, 1.0)
         scales = [chunk_scales_for(e, rng, schedule.s_min, 0.5) for e in exs]
         pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng)
         loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
@@ -339,7 +355,7 @@ def train_backbone(
             g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         exs = take(batch_size, crop_prob)
         scales = [chunk_scales_for(e, rng, schedule.s_min, schedule.p_full) for e in exs]
-        batch, dense = conversation_inputs(processor, exs, scales, question_first=schedule.question_first)
+        batch, dense = conversation_inputs(processor, exs, scales)
         capture.take()
         loss = model(**batch).loss
         stats = {"lm_loss": round(loss.item(), 4)}
@@ -382,10 +398,16 @@ def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp:
         anchor = chunk_cards[0]
         r0 = int(np.clip(anchor.row - rng.integers(0, cells), 0, grid - cells))
         c0 = int(np.clip(anchor.col - rng.integers(0, cells), 0, grid - cells))
-        frames.append(example.frames[k * tp : (k + 1) * tp, r0 * CELL : (r0 + cells) * CELL, c0 * CELL : (c0 + cells) * CELL])
+        frames.append(
+            example.frames[
+                k * tp : (k + 1) * tp, r0 * CELL : (r0 + cells) * CELL, c0 * CELL : (c0 + cells) * CELL
+            ]
+        )
         for c in chunk_cards:
             if r0 <= c.row < r0 + cells and c0 <= c.col < c0 + cells:
-                cards.append(Card(c.colour, c.glyph, c.row - r0, c.col - c0, tuple(range(new_k * tp, new_k * tp + tp))))
+                cards.append(
+                    Card(c.colour, c.glyph, c.row - r0, c.col - c0, tuple(range(new_k * tp, new_k * tp + tp)))
+                )
     visible = {c.colour for c in cards}
     turns = [(q, a) for q, a in example.turns if any(col in q for col in visible)] or example.turns[:1]
     return Example(np.concatenate(frames), cards, turns, example.fps, [f for c in cards for f in c.frames])
@@ -436,8 +458,11 @@ def split_examples(rows: list[dict], root, num_frames: int):
         while True:
             for i in rng.permutation(len(keys)):
                 ex = load(keys[i], rng)
-                if crop_prob > 0 and not ex.is_image and rng.random() < crop_prob and all(
-                    len(c.frames) >= 2 for c in ex.cards
+                if (
+                    crop_prob > 0
+                    and not ex.is_image
+                    and rng.random() < crop_prob
+                    and all(len(c.frames) >= 2 for c in ex.cards)
                 ):
                     ex = crop_example(ex, rng)
                 yield ex

@@ -231,7 +231,9 @@ def draw_grounding_video(rng: np.random.Generator, spec: BenchmarkSpec):
     cards = []
     for i in range(n):
         c0, c1 = spans[i]
-        cards.append(Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp))))
+        cards.append(
+            Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp)))
+        )
     return cards, render(cards, background(rng, spec.frame_size, spec.num_frames))
 
 
@@ -266,11 +268,103 @@ def format_span(start: float, end: float) -> str:
 
 
 def _meta(cards: list[Card], spec: BenchmarkSpec, num_frames: int) -> dict:
-    return {"fps": spec.fps, "num_frames": num_frames, "duration_s": num_frames / spec.fps, "cards": _cards_json(cards)}
+    return {
+        "fps": spec.fps,
+        "num_frames": num_frames,
+        "duration_s": num_frames / spec.fps,
+        "cards": _cards_json(cards),
+    }
 
 
 def _rel(path: Path, root: Path) -> str:
     return str(Path(path).relative_to(root))
+
+
+_KINDS = ("card", "compare", "grounding", "image", "long")
+
+
+def _draw_item(job: tuple) -> list[dict]:
+    """Draw, write and describe one media item; its own seeded rng keeps the result independent of workers."""
+    from PIL import Image
+
+    from resadapt.data.video import write_video
+
+    root, spec, seed, split_index, split, kind, i = job
+    rng = np.random.default_rng([seed, split_index, _KINDS.index(kind), i])
+    root = Path(root)
+    media = root / split
+    vid = f"{split}-{kind}-{i:05d}"
+    if kind == "image":
+        cards, image = draw_image(rng, spec)
+        path = media / f"{vid}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        target = cards[0]
+        return [
+            asdict(
+                Sample(
+                    vid,
+                    "image_qa",
+                    "image",
+                    _rel(path, root),
+                    detail_question(target.colour),
+                    target.glyph,
+                    evidence_frames=[0],
+                    cards=_cards_json(cards),
+                )
+            )
+        ]
+    if kind == "grounding":
+        cards, frames = draw_grounding_video(rng, spec)
+        num = spec.num_frames
+    elif kind == "long":
+        cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
+        num = spec.long_num_frames
+    else:
+        n_digits = 2 if kind == "compare" else 1
+        cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch, n_digits)
+        num = spec.num_frames
+    path = _rel(write_video(media / f"{vid}.mp4", frames, spec.fps), root)
+    meta = _meta(cards, spec, num)
+    target = cards[0]
+    if kind == "grounding":
+        start, end = target.frames[0] / spec.fps, (target.frames[-1] + 1) / spec.fps
+        row = Sample(
+            vid,
+            "grounding",
+            "video",
+            path,
+            grounding_question(target.colour),
+            format_span(start, end),
+            answer_span=[start, end],
+            evidence_frames=list(target.frames),
+            **meta,
+        )
+    elif kind == "compare":
+        a, b = cards[0], cards[1]
+        row = Sample(
+            vid,
+            "multi_frame",
+            "video",
+            path,
+            compare_question(a.colour, b.colour),
+            str(max(a.digit, b.digit)),
+            evidence_frames=sorted(a.frames + b.frames),
+            **meta,
+        )
+    else:
+        task = "long_video" if kind == "long" else "detail_qa"
+        row = Sample(
+            vid,
+            task,
+            "video",
+            path,
+            detail_question(target.colour),
+            target.glyph,
+            evidence_frames=list(target.frames),
+            **meta,
+        )
+    return [asdict(row)]
 
 
 def write_benchmark(
@@ -279,83 +373,65 @@ def write_benchmark(
     sizes: dict[str, dict[str, int]],
     seed: int = 0,
     progress: bool = True,
+    workers: int = 2,
 ):
     """Draw every split, write its media under `root`, and save a `datasets.DatasetDict` at `root/tables`.
 
-    Deterministic: the same (spec, sizes, seed) gives the same frames and rows. Refuses to write into a
-    non-empty `root` (nothing already written is overwritten; DVC clears declared outputs itself).
+    Deterministic: the same (spec, sizes, seed) gives the same files and rows for any number of `workers`.
+    Refuses to write into a non-empty `root` (nothing already written is overwritten; DVC clears declared
+    outputs itself).
     """
-    from datasets import Dataset, DatasetDict
-    from PIL import Image
-    from tqdm.auto import tqdm
+    import multiprocessing as mp
 
-    from resadapt.data.video import write_video
+    from datasets import Dataset, DatasetDict
+    from tqdm.auto import tqdm
 
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"benchmark folder {root} is not empty; remove it first (dvc repro does this)")
+    counts = {
+        "card": "card_videos",
+        "compare": "compare_videos",
+        "grounding": "grounding_videos",
+        "image": "images",
+        "long": "long_videos",
+    }
     tables = {}
-    for split_index, split in enumerate(("train", "val", "test")):
-        if split not in sizes:
-            raise KeyError(f"sizes has no entry for split {split!r}")
-        n = sizes[split]
-        rng = np.random.default_rng([seed, split_index])
-        rows: list[Sample] = []
-        media = root / split
-        jobs = (
-            [("card", i) for i in range(n["card_videos"])]
-            + [("compare", i) for i in range(n["compare_videos"])]
-            + [("grounding", i) for i in range(n["grounding_videos"])]
-            + [("image", i) for i in range(n["images"])]
-            + [("long", i) for i in range(n["long_videos"])]
-        )
-        for kind, i in tqdm(jobs, desc=f"prepare {split}", disable=not progress):
-            vid = f"{split}-{kind}-{i:05d}"
-            if kind == "image":
-                cards, image = draw_image(rng, spec)
-                path = media / f"{vid}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(path)
-                rows.append(
-                    Sample(vid, "image_qa", "image", _rel(path, root), detail_question(cards[0].colour),
-                           cards[0].glyph, evidence_frames=[0], cards=_cards_json(cards))
-                )
-                continue
-            if kind == "grounding":
-                cards, frames = draw_grounding_video(rng, spec)
-                num = spec.num_frames
-            elif kind == "long":
-                cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
-                num = spec.long_num_frames
-            else:
-                n_digits = 2 if kind == "compare" else 1
-                cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch, n_digits)
-                num = spec.num_frames
-            path = _rel(write_video(media / f"{vid}.mp4", frames, spec.fps), root)
-            meta = _meta(cards, spec, num)
-            target = cards[0]
-            if kind == "grounding":
-                start, end = target.frames[0] / spec.fps, (target.frames[-1] + 1) / spec.fps
-                rows.append(
-                    Sample(vid, "grounding", "video", path, grounding_question(target.colour), format_span(start, end),
-                           answer_span=[start, end], evidence_frames=list(target.frames), **meta)
-                )
-            elif kind == "compare":
-                a, b = cards[0], cards[1]
-                rows.append(
-                    Sample(vid, "multi_frame", "video", path, compare_question(a.colour, b.colour),
-                           str(max(a.digit, b.digit)), evidence_frames=sorted(a.frames + b.frames), **meta)
-                )
-            else:
-                task = "long_video" if kind == "long" else "detail_qa"
-                rows.append(
-                    Sample(vid, task, "video", path, detail_question(target.colour), target.glyph,
-                           evidence_frames=list(target.frames), **meta)
-                )
-        tables[split] = Dataset.from_list([asdict(r) for r in rows])
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) if workers > 1 else _Serial() as pool:
+        for split_index, split in enumerate(("train", "val", "test")):
+            if split not in sizes:
+                raise KeyError(f"sizes has no entry for split {split!r}")
+            jobs = [
+                (str(root), spec, seed, split_index, split, kind, i)
+                for kind in _KINDS
+                for i in range(sizes[split][counts[kind]])
+            ]
+            rows: list[dict] = []
+            for item_rows in tqdm(
+                pool.imap(_draw_item, jobs, chunksize=8),
+                total=len(jobs),
+                desc=f"prepare {split}",
+                disable=not progress,
+            ):
+                rows += item_rows
+            tables[split] = Dataset.from_list(rows)
     dataset = DatasetDict(tables)
     dataset.save_to_disk(str(root / "tables"))
     return dataset
+
+
+class _Serial:
+    """Pool stand-in for workers=1 (same interface as the bits of multiprocessing.Pool we use)."""
+
+    def imap(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def load_benchmark(root: str | Path):

@@ -212,7 +212,11 @@ def _decode_selected(path: Path, wanted: list[int] | None) -> tuple[list[np.ndar
             for frame in container.decode(stream):
                 if wanted_set is None or count in wanted_set:
                     # gbrp (our lossless RGB encoding) already comes out as RGB; skipping swscale is 3x faster
-                    rgb = frame.to_ndarray() if frame.format.name == "gbrp" else frame.to_ndarray(format="rgb24")
+                    rgb = (
+                        frame.to_ndarray()
+                        if frame.format.name == "gbrp"
+                        else frame.to_ndarray(format="rgb24")
+                    )
                     kept.append(rgb)
                 count += 1
         except av.FFmpegError as exc:

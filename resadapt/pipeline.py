@@ -1,0 +1,178 @@
+"""What each DVC stage does, as functions of the validated params (the notebooks only call these and plot).
+
+Keeping stage logic here, not in the notebooks, means it is imported, linted and tested like the rest of
+the library, and a notebook stays a readable report: parameters, calls, tables, figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from resadapt.backbone import (
+    TinyBackboneSpec,
+    TransformersBackend,
+    build_tiny_backbone,
+    load_backbone,
+    save_backbone,
+)
+from resadapt.budget import VisionGeometry
+from resadapt.calibration import CHANCE, calibrate, load_sample, summarise
+from resadapt.config import Params
+from resadapt.data.embedded import benchmark_spec, load_benchmark, write_benchmark
+from resadapt.sft import SFTSchedule, split_examples, train_backbone
+
+POINTER = "resadapt_backbone.json"
+
+
+def prepare_stage(params: Params):
+    """Write the embedded benchmark under `data.root` (refuses a non-empty folder)."""
+    sizes = {split: s.model_dump() for split, s in params.data.splits.items()}
+    return write_benchmark(params.data.root, benchmark_spec(params.data), sizes, seed=params.seed)
+
+
+def _fresh_output(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"backbone.path {path} already holds files; remove it first (dvc repro does this for declared outputs)"
+        )
+
+
+def backbone_stage(params: Params):
+    """(model, processor, training log) for the profile: train the tiny backbone, or point at a checkpoint.
+
+    The stage output is always the folder `backbone.path`: the trained tiny model itself, or, for
+    `backbone.source: path`, a small pointer file to the external checkpoint (never a copy of 15 GB, and
+    never something DVC would delete).
+    """
+    out = Path(params.backbone.path)
+    _fresh_output(out)
+    if params.backbone.source == "path":
+        ckpt = Path(params.backbone.checkpoint).resolve()
+        model, processor = load_backbone(ckpt)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / POINTER).write_text(json.dumps({"checkpoint": str(ckpt)}, indent=2))
+        return model, processor, pd.DataFrame()
+    tiny = params.backbone.tiny
+    spec = TinyBackboneSpec(
+        **tiny.model_dump(),
+        min_pixels=params.budget.min_pixels,
+        max_pixels=params.budget.max_pixels,
+        seed=params.seed,
+    )
+    model, processor = build_tiny_backbone(spec)
+    dataset = load_benchmark(params.data.root)
+    examples = split_examples(list(dataset["train"]), params.data.root, params.data.num_frames)
+    schedule = SFTSchedule(**params.backbone.sft.model_dump(), s_min=params.budget.s_min, seed=params.seed)
+    log: list[dict] = []
+    train_backbone(model, processor, examples, schedule, log.append)
+    save_backbone(model, processor, out)
+    return model, processor, pd.DataFrame(log)
+
+
+def load_stage_backbone(params: Params):
+    """The backbone the `backbone` stage produced (following the pointer in the paper profile)."""
+    out = Path(params.backbone.path)
+    pointer = out / POINTER
+    if pointer.exists():
+        return load_backbone(json.loads(pointer.read_text())["checkpoint"])
+    return load_backbone(out)
+
+
+def calibration_conditions(params: Params) -> list[str]:
+    scales = [f"uniform_{s:g}" for s in params.backbone.calibration.scales]
+    return ["full", *scales, "oracle", "anti_oracle"]
+
+
+def calibration_samples(params: Params, split: str = "test"):
+    dataset = load_benchmark(params.data.root)
+    if split not in dataset:
+        raise KeyError(f"benchmark at {params.data.root} has no split {split!r}")
+    rows = list(dataset[split])
+    cal = params.backbone.calibration
+    samples = []
+    for task in cal.tasks:
+        task_rows = [r for r in rows if r["task"] == task][: cal.max_samples_per_task]
+        samples += [load_sample(r, params.data.root, params.data.num_frames) for r in task_rows]
+    return samples
+
+
+def calibrate_backbone(params: Params, model, processor, split: str = "test"):
+    """Per-sample calibration log and its summary table (accuracy and measured retention per condition)."""
+    gen = params.backbone.generation
+    backend = TransformersBackend(model, processor, gen.max_new_tokens, gen.batch_size)
+    per_sample = calibrate(
+        backend,
+        calibration_samples(params, split),
+        calibration_conditions(params),
+        VisionGeometry.from_processor(processor),
+        params.budget.s_min,
+    )
+    return per_sample, summarise(per_sample)
+
+
+def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail_qa") -> dict:
+    """Nested metrics for `dvc metrics show` plus the spine issue's calibration checks on `task`.
+
+    The checks are reported, not asserted: they say whether the benchmark separates allocations.
+    """
+    metrics: dict = {"tasks": {}}
+    for t, part in table.groupby("task", sort=False):
+        metrics["tasks"][t] = {
+            r.condition: {"accuracy": round(float(r.accuracy), 4), "retention": round(float(r.retention), 4)}
+            for r in part.itertuples()
+        }
+    part = table[table.task == task].set_index("condition")
+    if part.empty:
+        return metrics
+    chance = CHANCE[task]
+    uniform = part[part.index.str.startswith("uniform_")]
+    low = uniform.iloc[(uniform.retention - 0.135).abs().argsort()[:1]]
+    full = float(part.loc["full", "accuracy"])
+    oracle = part.loc["oracle"]
+    anti = part.loc["anti_oracle"]
+    metrics["checks"] = {
+        "task": task,
+        "chance": chance,
+        "full_accuracy": round(full, 4),
+        "full_at_least_0.90": bool(full >= 0.90),
+        "uniform_low_condition": str(low.index[0]),
+        "uniform_low_retention": round(float(low.retention.iloc[0]), 4),
+        "uniform_low_accuracy": round(float(low.accuracy.iloc[0]), 4),
+        "uniform_low_at_most_chance_plus_0.15": bool(float(low.accuracy.iloc[0]) <= chance + 0.15),
+        "oracle_retention": round(float(oracle.retention), 4),
+        "oracle_accuracy": round(float(oracle.accuracy), 4),
+        "oracle_at_least_full_minus_0.05": bool(float(oracle.accuracy) >= full - 0.05),
+        "anti_oracle_retention": round(float(anti.retention), 4),
+        "anti_oracle_accuracy": round(float(anti.accuracy), 4),
+        "anti_oracle_at_most_chance_plus_0.15": bool(float(anti.accuracy) <= chance + 0.15),
+    }
+    return metrics
+
+
+def plot_resolution_samples(params: Params, processor, scales=(1.0, 0.35), split: str = "test"):
+    """Figure: the evidence chunk and one other chunk of a test video at each scale, as the backbone gets them."""
+    import matplotlib.pyplot as plt
+
+    from resadapt.budget import resize_video
+
+    dataset = load_benchmark(params.data.root)
+    row = next(r for r in dataset[split] if r["task"] == "detail_qa")
+    sample = load_sample(row, params.data.root, params.data.num_frames)
+    geom = VisionGeometry.from_processor(processor)
+    tp = geom.temporal_patch_size
+    ev = int(np.flatnonzero(sample.evidence_mask)[0]) // tp
+    other = (ev + 1) % (len(sample.frames) // tp)
+    fig, axes = plt.subplots(2, len(scales), figsize=(3.2 * len(scales), 6.4), squeeze=False)
+    for j, s in enumerate(scales):
+        tv = resize_video(sample.frames, np.full(len(sample.frames), s), geom)
+        for i, (k, label) in enumerate([(ev, "evidence"), (other, "other")]):
+            chunk = tv.chunks[k][0]
+            axes[i, j].imshow(chunk, interpolation="nearest")
+            axes[i, j].set_title(f"s={s:g}: {chunk.shape[1]}x{chunk.shape[0]} px, {label} chunk", fontsize=8)
+            axes[i, j].axis("off")
+    fig.suptitle(f"{row['question']}  answer: {row['answer']}")
+    return fig
