@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from resadapt.backbone import VisualInput, build_messages
-from resadapt.data.embedded import CELL, COLOURS, Card, token_labels
+from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card, token_labels
 
 
 @dataclass
@@ -77,18 +77,29 @@ def resize_chunks(frames: np.ndarray, scales: list[float], processor, tp: int = 
 
 
 def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int], base: int):
-    """Labels of the merged tokens of one chunk at its processed size, by mapping token centres back."""
+    """Labels of the merged tokens of one chunk at its processed size.
+
+    A token is labelled with the card whose cell falls inside its footprint on the full-resolution grid
+    (colour always; digit only while the chunk keeps more than half its resolution, below which no reader
+    could make it out).
+    """
     grid = base // CELL
     digit, colour = token_labels(cards, first_frame, grid)
     gh, gw = size[0] // CELL, size[1] // CELL
-    rows = np.minimum(((np.arange(gh) + 0.5) / gh * grid).astype(int), grid - 1)
-    cols = np.minimum(((np.arange(gw) + 0.5) / gw * grid).astype(int), grid - 1)
-    d = digit[np.ix_(rows, cols)].reshape(-1)
-    c = colour[np.ix_(rows, cols)].reshape(-1)
-    # a card shrunk below half a token is not a card to the reader any more
-    if gh * 2 < grid:
-        d = np.full_like(d, 10)
-    return d, c
+    d = np.full((gh, gw), NO_DIGIT, dtype=np.int64)
+    c = np.full((gh, gw), len(COLOURS), dtype=np.int64)
+    readable = gh * 2 > grid and gw * 2 > grid
+    for i in range(gh):
+        r0, r1 = i * grid // gh, max(i * grid // gh + 1, (i + 1) * grid // gh)
+        for j in range(gw):
+            c0, c1 = j * grid // gw, max(j * grid // gw + 1, (j + 1) * grid // gw)
+            cols = colour[r0:r1, c0:c1]
+            hit = np.flatnonzero(cols.reshape(-1) != len(COLOURS))
+            if hit.size:
+                c[i, j] = cols.reshape(-1)[hit[0]]
+                if readable:
+                    d[i, j] = digit[r0:r1, c0:c1].reshape(-1)[hit[0]]
+    return d.reshape(-1), c.reshape(-1)
 
 
 class DenseHead(torch.nn.Module):

@@ -1,0 +1,114 @@
+"""The tiny backbone's training recipe and the calibration conditions (no quality claims: those are metrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
+from resadapt.budget import VisionGeometry
+from resadapt.calibration import LoadedSample, apply_scales, chunk_evidence, condition_scales
+from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, BenchmarkSpec, Card, detail_question, draw_card_video
+from resadapt.sft import (
+    Example,
+    SFTSchedule,
+    assistant_labels,
+    chunk_token_labels,
+    conversation_inputs,
+    crop_example,
+    train_backbone,
+)
+
+SPEC = BenchmarkSpec(frame_size=112, num_frames=8)
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vision_hidden_size=32, vision_intermediate_size=64)
+
+
+def _example(rng) -> Example:
+    cards, frames = draw_card_video(rng, SPEC, SPEC.num_frames, 2)
+    target = cards[0]
+    return Example(frames, cards, [(detail_question(target.colour), target.glyph)], SPEC.fps, list(target.frames))
+
+
+def test_chunk_token_labels_follow_the_card_when_downscaled():
+    card = Card("red", "7", row=2, col=1, frames=(0, 1))
+    d, c = chunk_token_labels([card], 0, (112, 112), 112)  # full resolution: 4x4 tokens
+    assert d.reshape(4, 4)[2, 1] == 7 and (d != NO_DIGIT).sum() == 1
+    assert c.reshape(4, 4)[2, 1] == 0 and (c != 6).sum() == 1
+    d, c = chunk_token_labels([card], 0, (56, 56), 112)  # 2x2 tokens: the card is a quarter token
+    assert (d == NO_DIGIT).all(), "a card shrunk below half a token is no longer readable"
+    assert c.reshape(2, 2)[1, 0] == 0, "but its colour still marks the token"
+
+
+def test_crop_example_keeps_cards_and_questions_consistent():
+    rng = np.random.default_rng(0)
+    ex = _example(rng)
+    crop = crop_example(ex, rng, cells=2)
+    assert crop.frames.shape[1:3] == (2 * CELL, 2 * CELL)
+    assert len(crop.frames) == 2 * len({f // 2 for c in ex.cards for f in c.frames})
+    for card in crop.cards:
+        y, x = card.row * CELL, card.col * CELL
+        # the card border colour sits at the card's cell in its frames of the cropped video
+        for f in card.frames:
+            assert tuple(crop.frames[f, y, x]) == COLOURS[card.colour]
+    assert crop.turns == ex.turns  # the asked card is always in the crop
+
+
+def test_assistant_labels_mark_every_answer_turn():
+    _, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL))
+    rng = np.random.default_rng(1)
+    ex = _example(rng)
+    ex.turns = [("first?", "3"), ("second?", "red 4")]
+    batch, dense = conversation_inputs(processor, [ex], [[1.0] * 4])
+    tok = processor.tokenizer
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert tok.decode(labelled) == "3<|im_end|>red 4<|im_end|>"
+    assert dense["video"][0].shape[0] == int(batch["video_grid_thw"].prod(-1).sum()) // 4
+    ids = torch.tensor([[5, 6, 7]])
+    assert (assistant_labels(ids, tok) == -100).all()
+
+
+def test_train_backbone_runs_every_phase_and_changes_weights():
+    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def examples(rng, crop_prob):
+        while True:
+            ex = _example(rng)
+            yield crop_example(ex, rng) if rng.random() < crop_prob else ex
+
+    log = []
+    train_backbone(model, processor, examples, SFTSchedule(max_steps=2, dense_batch=2, crop_batch=2, sft_batch=2), log.append)
+    assert [r["stage"] for r in log] == ["dense"] * 2 + ["crop"] * 2 + ["sft"] * 2
+    assert all(np.isfinite(r.get("loss", r.get("lm_loss"))) for r in log)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("model.visual") for n in changed)
+    assert any("language_model" in n for n in changed)
+    assert not model.training
+
+
+def _sample(evidence: list[bool]) -> LoadedSample:
+    frames = np.zeros((len(evidence), 56, 56, 3), dtype=np.uint8)
+    return LoadedSample({"media_type": "video"}, frames, list(range(len(evidence))), 2.0, np.array(evidence))
+
+
+def test_oracle_and_anti_oracle_are_complementary_per_chunk():
+    s = _sample([False, False, False, True, False, False])  # evidence in chunk 1 (frames 2-3)
+    assert chunk_evidence(s, 2).tolist() == [False, True, False]
+    oracle = condition_scales("oracle", s, 0.25, 2)
+    anti = condition_scales("anti_oracle", s, 0.25, 2)
+    assert oracle.tolist() == [0.25, 0.25, 1, 1, 0.25, 0.25]
+    assert anti.tolist() == [1, 1, 0.25, 0.25, 1, 1]
+    assert condition_scales("uniform_0.5", s, 0.25, 2).tolist() == [0.5] * 6
+    with pytest.raises(ValueError, match="unknown calibration condition"):
+        condition_scales("magic", s, 0.25, 2)
+
+
+def test_apply_scales_measures_retention_from_tokens():
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224, image_min_pixels=28 * 28, image_max_pixels=224 * 224)
+    s = _sample([True, True, False, False])
+    visual, tokens, ref = apply_scales(s, condition_scales("oracle", s, 0.5, 2), geom)
+    assert ref == 2 * 4  # two chunks of 2x2 tokens at 56 px
+    assert tokens == 4 + 1  # evidence chunk full, the other at 28 px
+    assert [c.shape[1] for c in visual.chunks] == [56, 28]
+    assert visual.chunk_times == [0.0, 1.0]
