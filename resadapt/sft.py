@@ -40,6 +40,15 @@ class Example:
     fps: float
     evidence_frames: list[int]
     is_image: bool = False
+    task: str = "detail_qa"
+    frame_times: list[float] | None = None  # seconds of each frame; default index / fps
+
+    def time_of(self, frame: int) -> float:
+        return self.frame_times[frame] if self.frame_times is not None else frame / self.fps
+
+
+# tasks whose answer does not depend on when things happen, so the short crop view keeps it valid
+CROPPABLE_TASKS = ("detail_qa", "multi_frame")
 
 
 def chunk_scales_for(example: Example, rng: np.random.Generator, s_min: float, p_full: float, tp: int = 2):
@@ -193,7 +202,7 @@ def conversation_inputs(processor, examples: list[Example], scales: list[list[fl
             images.append(cs[0][0])
             dense["image"].append(chunk_token_labels(ex.cards, 0, sizes[0], base))
         else:
-            times = [k * tp / ex.fps for k in range(len(cs))]
+            times = [ex.time_of(k * tp) for k in range(len(cs))]
             visual = VisualInput(chunks=cs, chunk_times=times, fps=ex.fps)
             videos.extend(cs)
             metas.extend(
@@ -399,7 +408,7 @@ def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp:
     tokens around its card (aligned to the token grid), so a sequence is ~10x shorter and the question
     still has to pick one card out of several.
     """
-    if example.is_image:
+    if example.is_image or example.task not in CROPPABLE_TASKS:
         return example
     grid = example.frames.shape[1] // CELL
     keep = sorted({f // tp for c in example.cards for f in c.frames})
@@ -421,40 +430,46 @@ def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp:
                 )
     visible = {c.colour for c in cards}
     turns = [(q, a) for q, a in example.turns if any(col in q for col in visible)] or example.turns[:1]
-    return Example(np.concatenate(frames), cards, turns, example.fps, [f for c in cards for f in c.frames])
+    return Example(
+        np.concatenate(frames),
+        cards,
+        turns,
+        example.fps,
+        [f for c in cards for f in c.frames],
+        task=example.task,
+    )
 
 
-def split_examples(rows: list[dict], root, num_frames: int):
-    """A callable `examples(rng)` for `train_backbone` that reads a benchmark split from disk.
+def _identity(x):
+    return x
 
-    Questions about the same video become the turns of one conversation. Videos are decoded from their
-    MP4 files (sampled to `num_frames`), so training sees exactly what the pipeline's readers produce.
-    """
-    from pathlib import Path
 
-    from PIL import Image
+class _SplitStream(torch.utils.data.IterableDataset):
+    """Endless shuffled examples of a split, decoded in a DataLoader worker (the second core)."""
 
-    from resadapt.data.embedded import cards_from_json
-    from resadapt.data.video import read_video
+    def __init__(self, groups: dict[str, list[dict]], root, num_frames: int, seed: int, crop_prob: float):
+        self.groups, self.root, self.num_frames = groups, root, num_frames
+        self.seed, self.crop_prob = seed, crop_prob
 
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["media_path"], []).append(r)
-    keys = sorted(groups)
-    if not keys:
-        raise ValueError("no training rows")
+    def _load(self, key: str, rng: np.random.Generator) -> Example:
+        from pathlib import Path
 
-    def load(key: str, rng: np.random.Generator) -> Example:
-        rs = groups[key]
+        from PIL import Image
+
+        from resadapt.data.embedded import cards_from_json
+        from resadapt.data.video import read_video
+
+        rs = self.groups[key]
         cards = cards_from_json(rs[0]["cards"])
         order = rng.permutation(len(rs))
         turns = [(rs[i]["question"], rs[i]["answer"]) for i in order]
         evidence = sorted({f for r in rs for f in r["evidence_frames"]})
-        path = Path(root) / key
+        path = Path(self.root) / key
+        task = rs[0]["task"]
         if rs[0]["media_type"] == "image":
             image = np.asarray(Image.open(path).convert("RGB"))
-            return Example(image, cards, turns, 0.0, [0], is_image=True)
-        frames, meta = read_video(path, num_frames)
+            return Example(image, cards, turns, 0.0, [0], is_image=True, task=task)
+        frames, meta = read_video(path, self.num_frames)
         # re-index cards and evidence onto the sampled frames
         pos = {src: i for i, src in enumerate(meta.frame_indices)}
         cards = [
@@ -463,19 +478,46 @@ def split_examples(rows: list[dict], root, num_frames: int):
             if any(f in pos for f in c.frames)
         ]
         ev = [pos[f] for f in evidence if f in pos]
-        return Example(frames, cards, turns, meta.fps * len(meta.frame_indices) / meta.total_num_frames, ev)
+        times = [i / meta.fps for i in meta.frame_indices]
+        return Example(frames, cards, turns, meta.fps, ev, task=task, frame_times=times)
 
-    def examples(rng: np.random.Generator, crop_prob: float = 0.0):
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        keys = sorted(self.groups)
         while True:
             for i in rng.permutation(len(keys)):
-                ex = load(keys[i], rng)
+                ex = self._load(keys[i], rng)
                 if (
-                    crop_prob > 0
-                    and not ex.is_image
-                    and rng.random() < crop_prob
+                    self.crop_prob > 0
+                    and rng.random() < self.crop_prob
                     and all(len(c.frames) >= 2 for c in ex.cards)
                 ):
                     ex = crop_example(ex, rng)
                 yield ex
+
+
+def split_examples(rows: list[dict], root, num_frames: int, workers: int = 1):
+    """A callable `examples(rng, crop_prob)` for `train_backbone` that reads a benchmark split from disk.
+
+    Questions about the same video become the turns of one conversation. Videos are decoded from their
+    MP4 files (sampled to `num_frames`), so training sees exactly what the pipeline's readers produce;
+    decoding runs in `workers` DataLoader processes while the main process trains (0: in process).
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["media_path"], []).append(r)
+    if not groups:
+        raise ValueError("no training rows")
+
+    def examples(rng: np.random.Generator, crop_prob: float = 0.0):
+        stream = _SplitStream(groups, root, num_frames, int(rng.integers(2**31)), crop_prob)
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=16 if workers else None,
+        )
+        return iter(loader)
 
     return examples
