@@ -9,7 +9,15 @@ import torch
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry
 from resadapt.calibration import LoadedSample, apply_scales, chunk_evidence, condition_scales
-from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, BenchmarkSpec, Card, detail_question, draw_card_video
+from resadapt.data.embedded import (
+    CELL,
+    COLOURS,
+    NO_DIGIT,
+    BenchmarkSpec,
+    Card,
+    detail_question,
+    draw_card_video,
+)
 from resadapt.sft import (
     Example,
     SFTSchedule,
@@ -21,13 +29,21 @@ from resadapt.sft import (
 )
 
 SPEC = BenchmarkSpec(frame_size=112, num_frames=8)
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vision_hidden_size=32, vision_intermediate_size=64)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+)
 
 
 def _example(rng) -> Example:
     cards, frames = draw_card_video(rng, SPEC, SPEC.num_frames, 2)
     target = cards[0]
-    return Example(frames, cards, [(detail_question(target.colour), target.glyph)], SPEC.fps, list(target.frames))
+    return Example(
+        frames, cards, [(detail_question(target.colour), target.glyph)], SPEC.fps, list(target.frames)
+    )
 
 
 def test_chunk_token_labels_follow_the_card_when_downscaled():
@@ -78,7 +94,13 @@ def test_train_backbone_runs_every_phase_and_changes_weights():
             yield crop_example(ex, rng) if rng.random() < crop_prob else ex
 
     log = []
-    train_backbone(model, processor, examples, SFTSchedule(max_steps=2, dense_batch=2, crop_batch=2, sft_batch=2), log.append)
+    train_backbone(
+        model,
+        processor,
+        examples,
+        SFTSchedule(max_steps=2, dense_batch=2, crop_batch=2, sft_batch=2),
+        log.append,
+    )
     assert [r["stage"] for r in log] == ["dense"] * 2 + ["crop"] * 2 + ["sft"] * 2
     assert all(np.isfinite(r.get("loss", r.get("lm_loss"))) for r in log)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -105,7 +127,9 @@ def test_oracle_and_anti_oracle_are_complementary_per_chunk():
 
 
 def test_apply_scales_measures_retention_from_tokens():
-    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224, image_min_pixels=28 * 28, image_max_pixels=224 * 224)
+    geom = VisionGeometry(
+        min_pixels=28 * 28, max_pixels=224 * 224, image_min_pixels=28 * 28, image_max_pixels=224 * 224
+    )
     s = _sample([True, True, False, False])
     visual, tokens, ref = apply_scales(s, condition_scales("oracle", s, 0.5, 2), geom)
     assert ref == 2 * 4  # two chunks of 2x2 tokens at 56 px
