@@ -8,25 +8,10 @@ must never be silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-TASKS = ("detail_qa", "multi_frame", "grounding", "image_qa", "long_video")
-METHODS = (
-    "vanilla",
-    "fixed_scale",
-    "random_drop",
-    "tome",
-    "visionzip",
-    "slow_fast",
-    "frame_selection",
-    "oracle",
-    "resadapt",
-    "resadapt_hard",
-)
-ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 Task = Literal["detail_qa", "multi_frame", "grounding", "image_qa", "long_video"]
 Method = Literal[
@@ -41,6 +26,10 @@ Method = Literal[
     "resadapt",
     "resadapt_hard",
 ]
+Architecture = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+TASKS: tuple[str, ...] = get_args(Task)
+METHODS: tuple[str, ...] = get_args(Method)
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 Budget = Annotated[float, Field(gt=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -125,7 +114,7 @@ class BudgetParams(_Section):
 
 
 class TinyParams(_Section):
-    architecture: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    architecture: Architecture = "qwen2_5_vl"
     vocab_size: Annotated[int, Field(ge=300)] = 768
     hidden_size: PositiveInt = 128
     intermediate_size: PositiveInt = 384

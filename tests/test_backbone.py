@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_BACKBONE as SMALL
 
 from resadapt.backbone import (
     TinyBackboneSpec,
@@ -17,14 +18,6 @@ from resadapt.backbone import (
 )
 from resadapt.data.embedded import COLOURS
 from resadapt.processing import QWEN_SPECIAL_TOKENS, build_tokenizer, load_processor
-
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-)
 
 
 def _chunks(rng, sizes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_BACKBONE as SMALL
 
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry
@@ -29,13 +30,6 @@ from resadapt.sft import (
 )
 
 SPEC = BenchmarkSpec(frame_size=112, num_frames=8)
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-)
 
 
 def _example(rng) -> Example:
