@@ -68,7 +68,13 @@ def backbone_stage(params: Params):
     examples = split_examples(list(dataset["train"]), params.data.root, params.data.num_frames)
     schedule = SFTSchedule(**params.backbone.sft.model_dump(), s_min=params.budget.s_min, seed=params.seed)
     log: list[dict] = []
-    train_backbone(model, processor, examples, schedule, log.append)
+
+    def record(entry: dict) -> None:
+        log.append(entry)
+        if entry["step"] % 50 == 0:  # papermill --log-output shows these lines while the stage runs
+            print({k: v for k, v in entry.items() if k != "grad_norm"}, flush=True)
+
+    train_backbone(model, processor, examples, schedule, record)
     save_backbone(model, processor, out)
     return model, processor, pd.DataFrame(log)
 
@@ -175,4 +181,28 @@ def plot_resolution_samples(params: Params, processor, scales=(1.0, 0.35), split
             axes[i, j].set_title(f"s={s:g}: {chunk.shape[1]}x{chunk.shape[0]} px, {label} chunk", fontsize=8)
             axes[i, j].axis("off")
     fig.suptitle(f"{row['question']}  answer: {row['answer']}")
+    return fig
+
+
+def plot_calibration(table: pd.DataFrame):
+    """Accuracy against measured retention, one panel per task: the uniform-scale curve (with full
+    resolution at retention 1), the Oracle and anti-Oracle points, and chance as a dotted line."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(table.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.1 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        part = table[table.task == task]
+        curve = part[part.condition.str.startswith("uniform_") | (part.condition == "full")].sort_values(
+            "retention"
+        )
+        ax.plot(curve.retention, curve.accuracy, "o-", label="uniform scale")
+        for cond, marker in (("oracle", "*"), ("anti_oracle", "X")):
+            point = part[part.condition == cond]
+            ax.plot(point.retention, point.accuracy, marker, markersize=11, label=cond.replace("_", "-"))
+        ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
+        ax.set(title=task, xlabel="measured retention", xlim=(0, 1.05), ylim=(-0.02, 1.02))
+    axes[0, 0].set_ylabel("accuracy (grounding: mIoU)")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
     return fig

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from resadapt.backbone import VisualInput, build_messages
+from resadapt.budget import VisionGeometry, resize_video
 from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card, token_labels
 
 
@@ -67,22 +68,10 @@ def chunk_scales_for(example: Example, rng: np.random.Generator, s_min: float, p
 
 
 def resize_chunks(frames: np.ndarray, scales: list[float], processor, tp: int = 2):
-    """Cut frames into temporal chunks and resize each by its scale (Qwen rounding); returns (chunks, sizes)."""
-    from PIL import Image
-
-    vp = processor.video_processor
-    chunks, sizes = [], []
-    h0, w0 = frames.shape[1:3]
-    for k, s in enumerate(scales):
-        chunk = frames[k * tp : (k + 1) * tp]
-        h, w = vp.target_size(max(1, int(h0 * s)), max(1, int(w0 * s)))
-        if (h, w) != (h0, w0):
-            chunk = np.stack(
-                [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in chunk]
-            )
-        chunks.append(chunk)
-        sizes.append((h, w))
-    return chunks, sizes
+    """Cut frames into temporal chunks, each resized by its scale with the budget operator; (chunks, sizes)."""
+    geom = VisionGeometry.from_processor(processor)
+    tv = resize_video(frames, np.repeat(np.asarray(scales, dtype=float), tp)[: len(frames)], geom)
+    return tv.chunks, tv.chunk_sizes
 
 
 def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int], base: int):
@@ -484,6 +473,8 @@ class _SplitStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
         keys = sorted(self.groups)
+        if self.crop_prob >= 1.0:  # curriculum phases: only tasks the short crop view keeps valid
+            keys = [k for k in keys if self.groups[k][0]["task"] in CROPPABLE_TASKS]
         while True:
             for i in rng.permutation(len(keys)):
                 ex = self._load(keys[i], rng)
@@ -496,7 +487,7 @@ class _SplitStream(torch.utils.data.IterableDataset):
                 yield ex
 
 
-def split_examples(rows: list[dict], root, num_frames: int, workers: int = 1):
+def split_examples(rows: list[dict], root, num_frames: int, workers: int = 2):
     """A callable `examples(rng, crop_prob)` for `train_backbone` that reads a benchmark split from disk.
 
     Questions about the same video become the turns of one conversation. Videos are decoded from their
