@@ -222,7 +222,8 @@ def build_messages(
     return messages
 
 
-def _chunk_metadata(visual: VisualInput) -> list[VideoMetadata]:
+def chunk_metadata(visual: VisualInput) -> list[VideoMetadata]:
+    """Per-chunk video metadata (fps, source frame indices) as transformers and vLLM expect it."""
     metas = []
     for chunk, t0 in zip(visual.chunks, visual.chunk_times, strict=True):
         start = int(round(t0 * visual.fps))
@@ -260,7 +261,7 @@ def build_inputs(
             text += answer + "<|im_end|>"
         texts.append(text)
         videos.extend(visual.chunks)
-        metas.extend(_chunk_metadata(visual))
+        metas.extend(chunk_metadata(visual))
         if visual.image is not None:
             images.append(visual.image)
     kwargs: dict[str, Any] = {}

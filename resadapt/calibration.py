@@ -83,10 +83,8 @@ def apply_scales(
         _, ref = resize_image(sample.frames, 1.0, geom)
         return VisualInput(image=img), tokens, ref
     tv = resize_video(sample.frames, scales, geom)
-    tp = geom.temporal_patch_size
     times = [sample.frame_indices[idx[0]] / sample.fps for idx in tv.chunk_frame_indices]
     ref = video_tokens(len(sample.frames), *sample.frames.shape[1:3], geom)
-    del tp
     return VisualInput(chunks=tv.chunks, chunk_times=times, fps=sample.fps), tv.visual_tokens, ref
 
 

@@ -291,11 +291,7 @@ def build_processor(
     )
 
 
-PROCESSOR_CLASSES = {
-    "Qwen2VLProcessor": "Qwen2VLProcessor",
-    "Qwen2_5_VLProcessor": "Qwen2_5_VLProcessor",
-    "Qwen3VLProcessor": "Qwen3VLProcessor",
-}
+PROCESSOR_CLASSES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
 
 
 def save_processor(processor, path: str | Path) -> None:
@@ -350,7 +346,7 @@ def load_processor(path: str | Path, processor_class: str | None = None):
         min_pixels=v_min,
         max_pixels=v_max,
         image_max_pixels=max_pixels,
-        processor_cls=getattr(transformers, PROCESSOR_CLASSES[processor_class]),
+        processor_cls=getattr(transformers, processor_class),
     )
     processor.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     return processor

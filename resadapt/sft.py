@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resadapt.backbone import VisualInput, build_messages
+from resadapt.backbone import VisualInput, build_messages, chunk_metadata
 from resadapt.budget import VisionGeometry, resize_video
 from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card, token_labels
 
@@ -164,11 +164,12 @@ def dense_batch(
 def dense_loss(head: DenseHead, feats: torch.Tensor, labels_d: torch.Tensor, labels_c: torch.Tensor):
     ld, lc = head(feats)
     # background tokens vastly outnumber cards: weight card tokens up so the reader is not lazy
-    n_card = (labels_d < 10).sum().clamp(min=1)
-    w = torch.where(labels_d < 10, (labels_d.numel() - n_card) / n_card, 1.0).clamp(min=1.0)
+    is_digit = labels_d != NO_DIGIT
+    n_card = is_digit.sum().clamp(min=1)
+    w = torch.where(is_digit, (labels_d.numel() - n_card) / n_card, 1.0).clamp(min=1.0)
     loss = (F.cross_entropy(ld, labels_d, reduction="none") * w).sum() / w.sum()
     loss = loss + (F.cross_entropy(lc, labels_c, reduction="none") * w).sum() / w.sum()
-    acc = ((ld.argmax(-1) == labels_d) & (labels_d < 10)).sum().item() / max(1, (labels_d < 10).sum().item())
+    acc = ((ld.argmax(-1) == labels_d) & is_digit).sum().item() / max(1, is_digit.sum().item())
     return loss, acc
 
 
@@ -178,8 +179,6 @@ def conversation_inputs(processor, examples: list[Example], scales: list[list[fl
     Dense labels come back per modality in the order the model encodes them (images, then video chunks),
     so the features captured from the model's own forward can be scored without a second vision pass.
     """
-    from transformers.video_utils import VideoMetadata
-
     texts, videos, metas, images = [], [], [], []
     dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"image": [], "video": []}
     for ex, sc in zip(examples, scales, strict=True):
@@ -194,12 +193,7 @@ def conversation_inputs(processor, examples: list[Example], scales: list[list[fl
             times = [ex.time_of(k * tp) for k in range(len(cs))]
             visual = VisualInput(chunks=cs, chunk_times=times, fps=ex.fps)
             videos.extend(cs)
-            metas.extend(
-                VideoMetadata(
-                    total_num_frames=len(c), fps=ex.fps, frames_indices=list(range(k * tp, k * tp + len(c)))
-                )
-                for k, c in enumerate(cs)
-            )
+            metas.extend(chunk_metadata(visual))
             dense["video"] += [
                 chunk_token_labels(ex.cards, k * tp, size, base) for k, size in enumerate(sizes)
             ]
@@ -470,21 +464,37 @@ class _SplitStream(torch.utils.data.IterableDataset):
         times = [i / meta.fps for i in meta.frame_indices]
         return Example(frames, cards, turns, meta.fps, ev, task=task, frame_times=times)
 
+    def _keys(self, rng: np.random.Generator):
+        """Endless sequence of videos to show.
+
+        Curriculum phases (crop_prob 1): only tasks the crop view keeps valid, in proportion. Full videos:
+        every task equally often, so rarer answer formats (grounding spans) get enough examples.
+        """
+        keys = sorted(self.groups)
+        if self.crop_prob >= 1.0:
+            keys = [k for k in keys if self.groups[k][0]["task"] in CROPPABLE_TASKS]
+            while True:
+                for i in rng.permutation(len(keys)):
+                    yield keys[i]
+        by_task: dict[str, list[str]] = {}
+        for k in keys:
+            by_task.setdefault(self.groups[k][0]["task"], []).append(k)
+        tasks = sorted(by_task)
+        while True:
+            pool = by_task[tasks[rng.integers(len(tasks))]]
+            yield pool[rng.integers(len(pool))]
+
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
-        keys = sorted(self.groups)
-        if self.crop_prob >= 1.0:  # curriculum phases: only tasks the short crop view keeps valid
-            keys = [k for k in keys if self.groups[k][0]["task"] in CROPPABLE_TASKS]
-        while True:
-            for i in rng.permutation(len(keys)):
-                ex = self._load(keys[i], rng)
-                if (
-                    self.crop_prob > 0
-                    and rng.random() < self.crop_prob
-                    and all(len(c.frames) >= 2 for c in ex.cards)
-                ):
-                    ex = crop_example(ex, rng)
-                yield ex
+        for key in self._keys(rng):
+            ex = self._load(key, rng)
+            if (
+                self.crop_prob > 0
+                and rng.random() < self.crop_prob
+                and all(len(c.frames) >= 2 for c in ex.cards)
+            ):
+                ex = crop_example(ex, rng)
+            yield ex
 
 
 def split_examples(rows: list[dict], root, num_frames: int, workers: int = 2):

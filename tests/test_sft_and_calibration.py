@@ -130,3 +130,19 @@ def test_apply_scales_measures_retention_from_tokens():
     assert tokens == 4 + 1  # evidence chunk full, the other at 28 px
     assert [c.shape[1] for c in visual.chunks] == [56, 28]
     assert visual.chunk_times == [0.0, 1.0]
+
+
+def test_split_stream_balances_tasks_and_restricts_crop_phases():
+    from itertools import islice
+
+    from resadapt.sft import _SplitStream
+
+    groups = {f"d{i}": [{"task": "detail_qa"}] for i in range(80)}
+    groups |= {f"g{i}": [{"task": "grounding"}] for i in range(5)}
+    groups |= {f"m{i}": [{"task": "multi_frame"}] for i in range(15)}
+    full = list(islice(_SplitStream(groups, ".", 8, 0, 0.0)._keys(np.random.default_rng(0)), 3000))
+    share = {t: sum(k[0] == t for k in full) / len(full) for t in "dgm"}
+    assert all(abs(v - 1 / 3) < 0.05 for v in share.values()), share
+    crop = list(islice(_SplitStream(groups, ".", 8, 0, 1.0)._keys(np.random.default_rng(0)), 950))
+    assert not any(k.startswith("g") for k in crop)  # grounding answers depend on time: never cropped
+    assert sum(k.startswith("d") for k in crop) == 800  # proportional: each epoch shows every video once
