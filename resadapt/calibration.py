@@ -21,7 +21,8 @@ from resadapt.budget import VisionGeometry, resize_image, resize_video, retentio
 from resadapt.data.video import read_video
 from resadapt.rewards import score
 
-CHANCE = {"detail_qa": 0.1, "image_qa": 0.1, "long_video": 0.1, "multi_frame": 0.5, "grounding": 0.0}
+# accuracy of a uniform guess among the ten digits; grounding (mIoU) has no single chance level
+CHANCE = {"detail_qa": 0.1, "image_qa": 0.1, "long_video": 0.1, "multi_frame": 0.1, "grounding": float("nan")}
 
 
 @dataclass

@@ -200,9 +200,30 @@ def plot_calibration(table: pd.DataFrame):
         for cond, marker in (("oracle", "*"), ("anti_oracle", "X")):
             point = part[part.condition == cond]
             ax.plot(point.retention, point.accuracy, marker, markersize=11, label=cond.replace("_", "-"))
-        ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
+        if not np.isnan(CHANCE[task]):
+            ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
         ax.set(title=task, xlabel="measured retention", xlim=(0, 1.05), ylim=(-0.02, 1.02))
     axes[0, 0].set_ylabel("accuracy (grounding: mIoU)")
     axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(log: pd.DataFrame, window: int = 25):
+    """Loss curves of each training phase (rolling mean over `window` steps, raw values faint)."""
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(log.stage))
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.8 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        part = log[log.stage == stage]
+        col = "loss" if "loss" in part and part["loss"].notna().any() else "lm_loss"
+        ax.plot(part.time_s, part[col], alpha=0.2, color="C0")
+        ax.plot(part.time_s, part[col].rolling(window, min_periods=1).mean(), color="C0")
+        ax.set(
+            title=f"{stage}: {'dense token' if col == 'loss' else 'answer'} loss",
+            xlabel="seconds",
+            yscale="log",
+        )
     fig.tight_layout()
     return fig
