@@ -485,7 +485,10 @@ class _SplitStream(torch.utils.data.IterableDataset):
             yield pool[rng.integers(len(pool))]
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed)
+        # each DataLoader worker runs its own copy of this iterator: give each its own stream, or every
+        # example would arrive once per worker
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id])
         for key in self._keys(rng):
             ex = self._load(key, rng)
             if (

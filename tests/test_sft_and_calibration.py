@@ -146,3 +146,24 @@ def test_split_stream_balances_tasks_and_restricts_crop_phases():
     crop = list(islice(_SplitStream(groups, ".", 8, 0, 1.0)._keys(np.random.default_rng(0)), 950))
     assert not any(k.startswith("g") for k in crop)  # grounding answers depend on time: never cropped
     assert sum(k.startswith("d") for k in crop) == 800  # proportional: each epoch shows every video once
+
+
+def test_split_examples_workers_do_not_repeat_each_other(tmp_path):
+    from itertools import islice
+
+    from resadapt.data.embedded import write_benchmark
+    from resadapt.sft import split_examples
+
+    spec = BenchmarkSpec(frame_size=56, num_frames=4, long_num_frames=8, cards_per_video=2)
+    sizes = {
+        s: dict(card_videos=6, compare_videos=1, grounding_videos=1, images=1, long_videos=1)
+        for s in ("train", "val", "test")
+    }
+    ds = write_benchmark(tmp_path, spec, sizes, progress=False, workers=1)
+    stream = split_examples(list(ds["train"]), tmp_path, 4, workers=2)(np.random.default_rng(0), 0.0)
+    keys = [ex.turns[0][0] + str(ex.frames.sum()) for ex in islice(stream, 20)]
+    # the DataLoader alternates between its two workers: identical neighbours throughout would mean
+    # both workers replay one stream (each example trained on twice)
+    assert not all(a == b for a, b in zip(keys[::2], keys[1::2], strict=True)), (
+        "two workers sent the same videos"
+    )
