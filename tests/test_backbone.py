@@ -102,6 +102,11 @@ def _vision_blocks(ids: list[int], start_id: int, end_id: int):
     return blocks
 
 
+def _positions(model, batch):
+    keys = ("mm_token_type_ids", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+    return model.model.get_rope_index(batch["input_ids"], **{k: batch[k] for k in keys})[0]
+
+
 def test_each_chunk_gets_its_own_3d_positions(tiny):
     """Design decision 1: every chunk is a video item whose tokens get the (t, h, w) grid positions."""
     model, processor = tiny
@@ -112,13 +117,7 @@ def test_each_chunk_gets_its_own_3d_positions(tiny):
     batch = build_inputs(
         processor, [visual, other], ["q?", "a much longer question so the first row is padded?"]
     )
-    pos, _ = model.model.get_rope_index(
-        batch["input_ids"],
-        mm_token_type_ids=batch["mm_token_type_ids"],
-        video_grid_thw=batch["video_grid_thw"],
-        second_per_grid_ts=batch["second_per_grid_ts"],
-        attention_mask=batch["attention_mask"],
-    )
+    pos = _positions(model, batch)
     tok = processor.tokenizer
     mask = batch["attention_mask"][0].bool()
     ids = batch["input_ids"][0][mask].tolist()
@@ -139,13 +138,7 @@ def test_each_chunk_gets_its_own_3d_positions(tiny):
         assert int(p[0, e]) == start + max(gh, gw), "text resumes after the chunk's largest side"
     # the padded row's positions do not depend on the padding
     single = build_inputs(processor, [visual], ["q?"])
-    pos1, _ = model.model.get_rope_index(
-        single["input_ids"],
-        mm_token_type_ids=single["mm_token_type_ids"],
-        video_grid_thw=single["video_grid_thw"],
-        second_per_grid_ts=single["second_per_grid_ts"],
-        attention_mask=single["attention_mask"],
-    )
+    pos1 = _positions(model, single)
     assert torch.equal(pos1[:, 0], p)
 
 
