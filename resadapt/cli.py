@@ -1,11 +1,40 @@
-"""Command line: `resadapt validate [params.yaml]` checks a params file (a dry run: loads nothing heavy)."""
+"""Command line.
+
+- `resadapt validate [params.yaml]` checks a params file (a dry run: loads nothing heavy).
+- `resadapt train [params.yaml]` trains the Allocator with CAPO as the `train` stage configures it, without
+  the notebook; run it under `accelerate launch --num_processes K [--cpu]` to use K processes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from resadapt.config import ConfigError, load_params
+from resadapt.config import OBJECTIVES, ConfigError, load_params
+
+
+def _train(args) -> int:
+    import torch
+
+    from resadapt import rl_stages
+    from resadapt.pipeline import load_stage_backbone
+
+    params = load_params(args.params)
+    model, processor = load_stage_backbone(params)
+    trainer = rl_stages.run(
+        params, params.train, model, processor, params.train.checkpoints, args.objective, args.max_steps
+    )
+    if trainer.accelerator.is_main_process:
+        trainer.save_allocator(params.allocator.path)
+        print(f"allocator saved to {params.allocator.path}", flush=True)
+    if args.rank_report:
+        out = Path(args.rank_report)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = trainer.accelerator.process_index
+        weights = {k: v.detach().cpu() for k, v in trainer.allocator.state_dict().items()}
+        torch.save({"prompts": trainer.seen_prompts, "weights": weights}, out / f"rank{rank}.pt")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,15 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="validate a params file and print its resolved values")
     validate.add_argument("params", nargs="?", default="params.yaml")
+    train = sub.add_parser(
+        "train", help="train the Allocator with CAPO (the train stage, without the notebook)"
+    )
+    train.add_argument("params", nargs="?", default="params.yaml")
+    train.add_argument("--objective", choices=OBJECTIVES, default=None, help="default: train.objective")
+    train.add_argument("--max-steps", type=int, default=None, help="default: train.max_steps")
+    train.add_argument("--rank-report", default=None, help="folder for a per-process report (tests)")
     args = parser.parse_args(argv)
-    if args.command == "validate":
-        try:
-            params = load_params(args.params)
-        except ConfigError as err:
-            print(err, file=sys.stderr)
-            return 2
-        print(params.model_dump_json(indent=2))
-    return 0
+    try:
+        if args.command == "validate":
+            print(load_params(args.params).model_dump_json(indent=2))
+            return 0
+        return _train(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -165,6 +165,81 @@ class BackboneParams(_Section):
     generation: GenerationParams = GenerationParams()
 
 
+Objective = Literal["capo", "no_cost", "lagrangian"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+
+class AllocatorParams(_Section):
+    """The Allocator (resadapt/allocator.py): frozen coarse encoder, decoder sizes, scale range."""
+
+    encoder: Literal["backbone", "smolvlm"] = "backbone"  # backbone: its vision tower; smolvlm: encoder_path
+    encoder_path: str | None = None  # smolvlm: a local SmolVLM2 checkpoint folder
+    coarse_size: Annotated[int, Field(ge=28)] | None = 112  # px side frames get for the coarse encoder
+    dim: PositiveInt = 128
+    depth: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    s_min: Annotated[float, Field(gt=0.0, le=4.0)] = 0.125
+    s_max: Annotated[float, Field(gt=0.0, le=4.0)] = 1.25
+    beta_max: Annotated[float, Field(gt=1.0)] = 20.0
+    path: str = "models/allocator"  # the train stage's output
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AllocatorParams:
+        if self.s_min >= self.s_max:
+            raise ValueError(f"allocator.s_min ({self.s_min}) must be < allocator.s_max ({self.s_max})")
+        if self.encoder == "smolvlm" and not self.encoder_path:
+            raise ValueError(
+                "allocator.encoder = 'smolvlm' needs allocator.encoder_path (a local SmolVLM2 folder)"
+            )
+        return self
+
+
+class CAPOParams(_Section):
+    """CAPO coefficients (resadapt/capo.py CAPOConfig); unset keys keep the authors' defaults."""
+
+    alpha_mix: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    target_cost: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4
+    tau: Annotated[float, Field(gt=0.0)] = 0.15
+    encouragement: Annotated[float, Field(ge=0.0)] = 0.25
+    gas: Annotated[float, Field(ge=0.0)] = 0.05
+
+
+class RLParams(_Section):
+    """One CAPO training run (resadapt/trainer.py); shared by the train and ablation stages."""
+
+    tasks: list[Task] = ["detail_qa", "multi_frame"]
+    max_steps: PositiveInt = 200
+    prompts_per_step: PositiveInt = 2
+    allocations_per_prompt: Annotated[int, Field(ge=2)] = 8
+    rollouts_per_allocation: PositiveInt = 2
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    max_completion_length: PositiveInt = 4
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3  # the Allocator's
+    objective: Objective = "capo"
+    lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    capo: CAPOParams = CAPOParams()
+    concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4
+    similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
+    joint_training: bool = False
+    backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
+    eval_steps: PositiveInt = 25
+    save_steps: PositiveInt = 50
+    val_samples: PositiveInt = 60
+
+
+class TrainParams(RLParams):
+    checkpoints: str = "checkpoints/train"  # resumable run state (not a DVC output: it must survive a kill)
+    operating_retention: Budget = 0.15  # hard-budget operating point reported next to the deterministic one
+    test_samples: PositiveInt = 150
+
+
+class AblationParams(_Section):
+    objectives: list[Objective] = ["no_cost", "lagrangian", "capo"]
+    max_steps: PositiveInt = 60
+    lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    checkpoints: str = "checkpoints/ablation"
+
+
 class EvaluateParams(_Section):
     methods: list[Method] = ["vanilla", "fixed_scale", "oracle"]
     budgets: list[Budget] = [0.10, 0.25]
@@ -177,6 +252,9 @@ class Params(_Section):
     data: DataParams
     budget: BudgetParams = BudgetParams()
     backbone: BackboneParams = BackboneParams()
+    allocator: AllocatorParams = AllocatorParams()
+    train: TrainParams = TrainParams()
+    ablation: AblationParams = AblationParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
