@@ -181,6 +181,7 @@ class AllocatorParams(_Section):
     s_min: Annotated[float, Field(gt=0.0, le=4.0)] = 0.125
     s_max: Annotated[float, Field(gt=0.0, le=4.0)] = 1.25
     beta_max: Annotated[float, Field(gt=1.0)] = 20.0
+    relevance_init: float = 1.0  # initial trust in the parameter-free relevance prior (0: none)
     path: str = "models/allocator"  # the train stage's output
 
     @model_validator(mode="after")
@@ -237,6 +238,7 @@ class AblationParams(_Section):
     objectives: list[Objective] = ["no_cost", "lagrangian", "capo"]
     max_steps: PositiveInt = 60
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    test_samples: PositiveInt = 60
     checkpoints: str = "checkpoints/ablation"
 
 

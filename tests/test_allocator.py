@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry, resize_video, retention, video_tokens
 from resadapt.capo import beta_log_prob
 
-TRAINABLE_PREFIXES = ("frame_proj.", "query_proj.", "layers.", "pool.", "head.")
+TRAINABLE_PREFIXES = ("frame_proj.", "query_proj.", "layers.", "pool.", "head.", "relevance_head.")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def _perturb(model: Allocator, seed: int = 0, std: float = 0.5) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
-        # move the Beta head off its uniform init (bias -10/k), so alpha and beta depend on the inputs
+        # move the Beta head off its constant init, so alpha and beta depend on the inputs
         model.head.out.bias.copy_(torch.randn(2, generator=g))
 
 
@@ -101,19 +102,34 @@ def test_qwen_encoder_matches_backbone_image_path(arch, backbone, allocator):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_fresh_policy_is_uniform(allocator):
+def test_fresh_policy_is_a_broad_symmetric_beta(allocator):
+    """Default init: alpha = beta = 1 + ln 2 for every frame, so the mean scale is mid-range everywhere."""
     feats = allocator.encode_frames([_video(0, 6), _video(1, 3)])
     q, qm = _query(allocator, [[20, 21, 22], [0, 23, 24]], [[1, 1, 1], [0, 1, 1]])
     out = allocator(feats.tokens, feats.mask, q, qm)
-    assert torch.allclose(out.alpha, torch.ones_like(out.alpha), atol=1e-4)
-    assert torch.allclose(out.beta, torch.ones_like(out.beta), atol=1e-4)
+    m = feats.mask
+    torch.testing.assert_close(
+        out.alpha[m], torch.full_like(out.alpha[m], 1 + math.log(2)), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(out.beta[m], out.alpha[m])
     cfg = allocator.config
     mean = allocator.mean_scales(out)
     expected = torch.full_like(mean, (cfg.s_min + cfg.s_max) / 2) * feats.mask
     torch.testing.assert_close(mean, expected, atol=1e-4, rtol=0)
+    assert out.frame_features.shape == (2, 6, cfg.dim)
+
+
+def test_reference_init_is_uniform(backbone):
+    """beta_init_logit = -10 is the authors' init: Beta(1, 1), log-prob 0 everywhere."""
+    model, processor = backbone
+    allocator = Allocator.from_backbone(model, processor, beta_init_logit=-10.0).eval()
+    feats = allocator.encode_frames([_video(0, 6)])
+    q, qm = _query(allocator, [[20, 21, 22]])
+    out = allocator(feats.tokens, feats.mask, q, qm)
+    assert torch.allclose(out.alpha, torch.ones_like(out.alpha), atol=1e-4)
+    assert torch.allclose(out.beta, torch.ones_like(out.beta), atol=1e-4)
     u = torch.rand(out.alpha.shape, generator=torch.Generator().manual_seed(0))
     assert allocator.log_prob(out, u).abs().max() < 1e-3
-    assert out.frame_features.shape == (2, 6, cfg.dim)
 
 
 def test_config_validation():
