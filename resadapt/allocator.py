@@ -955,12 +955,17 @@ def hard_budget_scales(
     s_max: float,
     image: bool | None = None,
     iterations: int = 60,
+    mode: str = "sharpen",
 ) -> np.ndarray:
-    """Shift a deterministic allocation so its measured retention is as close to `target_retention` as
+    """Rescale a deterministic allocation so its measured retention is as close to `target_retention` as
     possible without exceeding it, keeping the frames' ranking.
 
-    Each scale is mapped to the latent u, shifted in logit space (u' = sigmoid(logit(u) + b)) and mapped
-    back; b is found by bisection (largest b found whose retention <= target). Because token counts are
+    Each scale is mapped to the latent u and transformed monotonically in logit space z = logit(u):
+    `mode="shift"`: u' = sigmoid(z + b); `mode="sharpen"` (default): u' = sigmoid((z - z_top) / tau + 13.8),
+    which pins the top-ranked frame at s_max and lowers the others along the allocation's own ranking as tau
+    shrinks, so a tight budget still gives the most important chunk full resolution (a shift would lower every
+    frame together). If even the top frame alone at s_max exceeds the target, sharpen falls back to shift.
+    The free parameter (b or log tau) is found by bisection (the largest value whose retention <= target). Because token counts are
     step functions of the scale, the result lands within one chunk's token step below the target. A
     single scale (T = 1) is treated as an image (its pixel limits) unless `image=False`. Input scales
     outside [s_min, s_max] are clipped into it first (the latent must lie in (0, 1)).
@@ -981,8 +986,30 @@ def hard_budget_scales(
     arr = _check_allocation(scales)
     is_image = _is_image(arr, image)
     ref = allocation_tokens(np.ones_like(arr), height, width, geom, is_image)
+    if mode not in ("sharpen", "shift"):
+        raise ValueError(f"hard_budget_scales: mode must be 'sharpen' or 'shift', got {mode!r}")
     u = np.clip((arr - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
     z = np.log(u) - np.log1p(-u)
+    if mode == "sharpen" and len(arr) > 1:
+        pin = -math.log(_U_EPS)  # logit(1 - eps): the top frame at s_max
+
+        def sharp(log_tau: float) -> np.ndarray:
+            return lo_s + _sigmoid((z - z.max()) / math.exp(log_tau) + pin) * (hi_s - lo_s)
+
+        def sharp_ret(log_tau: float) -> float:
+            return allocation_tokens(sharp(log_tau), height, width, geom, is_image) / ref
+
+        lo_t, hi_t = -20.0, 10.0
+        if sharp_ret(lo_t) <= target:
+            if sharp_ret(hi_t) <= target:
+                return sharp(hi_t)
+            for _ in range(iterations):
+                mid = 0.5 * (lo_t + hi_t)
+                if sharp_ret(mid) <= target:
+                    lo_t = mid
+                else:
+                    hi_t = mid
+            return sharp(lo_t)
 
     def at(b: float) -> np.ndarray:
         return lo_s + _sigmoid(z + b) * (hi_s - lo_s)

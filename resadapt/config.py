@@ -215,11 +215,12 @@ class RLParams(_Section):
     rollouts_per_allocation: PositiveInt = 2
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     max_completion_length: PositiveInt = 4
-    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3  # the Allocator's
+    learning_rate: Annotated[float, Field(gt=0.0)] = 3e-3  # the Allocator's
+    relevance_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-2  # its two relevance-prior weights
     objective: Objective = "capo"
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     capo: CAPOParams = CAPOParams()
-    concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4
+    concentration_coef: Annotated[float, Field(ge=0.0)] = 0.02
     similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
     joint_training: bool = False
     backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
@@ -237,6 +238,7 @@ class TrainParams(RLParams):
 class AblationParams(_Section):
     objectives: list[Objective] = ["no_cost", "lagrangian", "capo"]
     max_steps: PositiveInt = 60
+    eval_steps: PositiveInt = 10
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     test_samples: PositiveInt = 60
     checkpoints: str = "checkpoints/ablation"

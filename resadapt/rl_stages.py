@@ -98,6 +98,7 @@ def trainer_config(
         lagrangian_lambda=rl.lagrangian_lambda,
         capo=rl.capo.model_dump(),
         allocator_learning_rate=rl.learning_rate,
+        allocator_relevance_learning_rate=rl.relevance_learning_rate,
         concentration_coef=rl.concentration_coef,
         similarity_coef=rl.similarity_coef,
         joint_training=rl.joint_training,
@@ -415,14 +416,15 @@ def ablation_checks(finals: dict, val: pd.DataFrame, allocator_params) -> dict:
     need = {"no_cost", "lagrangian", "capo"}
     if not need <= set(finals):
         return {"complete": False}
-    first = val.groupby("objective").eval_mean_scale.first()
+    first = {k: float(v) for k, v in val.groupby("objective").eval_mean_scale.first().items()}
     scale = {k: v["final_val_mean_scale"] for k, v in finals.items()}
     acc = {k: v["accuracy"] for k, v in finals.items()}
     return {
         "complete": True,
-        "no_cost_drifts_up": scale["no_cost"] > first["no_cost"],
-        "lagrangian_collapses_with_accuracy_drop": scale["lagrangian"] < scale["capo"]
-        and acc["lagrangian"] < acc["no_cost"] - 0.1,
-        "capo_between": scale["lagrangian"] <= scale["capo"] <= scale["no_cost"],
-        "capo_accuracy_near_no_cost": acc["capo"] >= acc["no_cost"] - 0.05,
+        "no_cost_drifts_up": bool(scale["no_cost"] > first["no_cost"]),
+        "lagrangian_collapses_with_accuracy_drop": bool(
+            scale["lagrangian"] < scale["capo"] and acc["lagrangian"] < acc["no_cost"] - 0.1
+        ),
+        "capo_between": bool(scale["lagrangian"] <= scale["capo"] <= scale["no_cost"]),
+        "capo_accuracy_near_no_cost": bool(acc["capo"] >= acc["no_cost"] - 0.05),
     }

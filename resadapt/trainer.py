@@ -68,6 +68,9 @@ class CAPOTrainerConfig(GRPOConfig):
     )
     capo: dict = field(default_factory=dict, metadata={"help": "CAPOConfig overrides (e.g. target_cost)"})
     allocator_learning_rate: float = 1e-3
+    allocator_relevance_learning_rate: float | None = field(
+        default=None, metadata={"help": "lr of the Allocator's relevance-prior weights (None: allocator lr)"}
+    )
     allocator_weight_decay: float = 0.0
     allocator_max_grad_norm: float = 1.0
     allocator_clip_low: float = 0.2
@@ -224,11 +227,20 @@ class CAPOTrainer(GRPOTrainer):
             for t in self.allocator.state_dict().values():
                 torch.distributed.broadcast(t, src=0)
         self.allocator_tokenizer = allocator_tokenizer or processing_class.tokenizer
-        trainable = [p for p in self.allocator.parameters() if p.requires_grad]
-        if not trainable:
+        named = [(n, p) for n, p in self.allocator.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the Allocator has no trainable parameters")
+        prior = [p for n, p in named if n.startswith("relevance_head.")]
+        groups = [{"params": [p for n, p in named if not n.startswith("relevance_head.")]}]
+        if prior:
+            groups.append(
+                {
+                    "params": prior,
+                    "lr": args.allocator_relevance_learning_rate or args.allocator_learning_rate,
+                }
+            )
         self.allocator_optimizer = torch.optim.AdamW(
-            trainable, lr=args.allocator_learning_rate, weight_decay=args.allocator_weight_decay
+            groups, lr=args.allocator_learning_rate, weight_decay=args.allocator_weight_decay
         )
         self.media_root = Path(media_root)
         self.geometry = VisionGeometry.from_processor(processing_class)

@@ -439,8 +439,57 @@ def test_hard_budget_single_image_and_errors():
         hard_budget_scales([1.0, 1.0], 224, 224, geom, 0.5, 0.125, 1.25, image=True)
     # a target that s_max cannot exceed: everything goes to s_max
     np.testing.assert_allclose(
-        hard_budget_scales([0.2, 0.3], 224, 224, geom, 1.0, 0.125, 1.0), 1.0, atol=1e-9
+        hard_budget_scales([0.2, 0.3], 224, 224, geom, 1.0, 0.125, 1.0), 1.0, atol=1e-5
     )
     # scales above 1 add tokens, so a full-retention target can pull an allocation down
     out = hard_budget_scales([1.2, 1.25], 224, 224, geom, 1.0, 0.125, 1.25)
     assert out[0] <= out[1] < 1.25 and allocation_retention(out, 224, 224, geom) <= 1.0
+
+
+def test_relevance_prior_finds_the_frame_that_matches_a_question_word():
+    from resadapt.allocator import relevance
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 5, 4, 8, generator=g) * 0.1
+    query = torch.randn(1, 3, 8, generator=g)
+    tokens[0, 3, 2] = query[0, 1] * 3  # frame 3 holds a token that looks like question word 1
+    mask = torch.tensor([[True, True, True, True, False]])
+    rel = relevance(tokens, mask, query, torch.ones(1, 3, dtype=torch.bool))
+    assert rel[0, :4].argmax() == 3
+    assert rel[0, 4] == 0, "a padding frame gets no relevance"
+    # a word every frame matches equally carries no information: centring removes it
+    flat = torch.zeros(1, 4, 4, 8)
+    flat[:, :, 0] = query[0, 0]
+    rel_flat = relevance(
+        flat, torch.ones(1, 4, dtype=torch.bool), query[:, :1], torch.ones(1, 1, dtype=torch.bool)
+    )
+    assert torch.allclose(rel_flat, torch.zeros_like(rel_flat))
+
+
+def test_relevance_init_and_init_mean(backbone):
+    model, processor = backbone
+    allocator = Allocator.from_backbone(model, processor, relevance_init=1.5).eval()
+    torch.testing.assert_close(allocator.relevance_head.weight.flatten(), torch.tensor([1.5, -1.5]))
+    high = Allocator.from_backbone(
+        model, processor, init_mean_scale=1.0, beta_init_logit=3.0, relevance_prior=False
+    )
+    feats = high.encode_frames([_video(0, 4)])
+    q, qm = _query(high, [[20, 21]])
+    mean = high.mean_scales(high(feats.tokens, feats.mask, q, qm))
+    torch.testing.assert_close(mean, torch.full_like(mean, 1.0), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="init_mean_scale"):
+        AllocatorConfig(init_mean_scale=1.24)
+
+
+def test_hard_budget_sharpen_keeps_the_top_chunk_at_full_resolution():
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
+    scales = np.array([0.9, 0.9, 0.6, 0.6, 0.5, 0.5, 0.4, 0.4])
+    sharp = hard_budget_scales(scales, 224, 224, geom, 0.3, 0.125, 1.25)
+    shift = hard_budget_scales(scales, 224, 224, geom, 0.3, 0.125, 1.25, mode="shift")
+    for out in (sharp, shift):
+        assert allocation_retention(out, 224, 224, geom) <= 0.3
+        assert np.all(np.diff(out[::2]) <= 1e-12), "ranking kept"
+    assert sharp[:2].mean() >= 1.0, "the top chunk keeps all its tokens"
+    assert shift[:2].mean() < 0.9375, "a plain shift lowers the top chunk too"
+    with pytest.raises(ValueError, match="mode"):
+        hard_budget_scales(scales, 224, 224, geom, 0.3, 0.125, 1.25, mode="topk")
