@@ -958,13 +958,14 @@ def hard_budget_scales(
     mode: str = "sharpen",
 ) -> np.ndarray:
     """Rescale a deterministic allocation so its measured retention is as close to `target_retention` as
-    possible without exceeding it, keeping the frames' ranking.
+    possible without exceeding it, keeping the ranking of the temporal chunks (the unit the operator resizes:
+    every frame of a chunk gets the chunk's rescaled mean scale).
 
     Each scale is mapped to the latent u and transformed monotonically in logit space z = logit(u):
     `mode="shift"`: u' = sigmoid(z + b); `mode="sharpen"` (default): u' = sigmoid((z - z_top) / tau + 13.8),
-    which pins the top-ranked frame at s_max and lowers the others along the allocation's own ranking as tau
+    which pins the top-ranked chunk at s_max and lowers the others along the allocation's own ranking as tau
     shrinks, so a tight budget still gives the most important chunk full resolution (a shift would lower every
-    frame together). If even the top frame alone at s_max exceeds the target, sharpen falls back to shift.
+    chunk together). If even the top chunk alone at s_max exceeds the target, sharpen falls back to shift.
     The free parameter (b or log tau) is found by bisection (the largest value whose retention <= target). Because token counts are
     step functions of the scale, the result lands within one chunk's token step below the target. A
     single scale (T = 1) is treated as an image (its pixel limits) unless `image=False`. Input scales
@@ -988,9 +989,19 @@ def hard_budget_scales(
     ref = allocation_tokens(np.ones_like(arr), height, width, geom, is_image)
     if mode not in ("sharpen", "shift"):
         raise ValueError(f"hard_budget_scales: mode must be 'sharpen' or 'shift', got {mode!r}")
-    u = np.clip((arr - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
-    z = np.log(u) - np.log1p(-u)
-    if mode == "sharpen" and len(arr) > 1:
+    # The operator resizes per temporal chunk (mean of its frames' scales), so a video is rescaled chunk by
+    # chunk: ranking frames instead could pin one frame of a chunk high and let its partner drag it down.
+    if is_image:
+        frames_of = np.zeros(1, dtype=int)
+        units = arr
+    else:
+        tp = geom.temporal_patch_size
+        frames_of = np.arange(len(arr)) // tp
+        units = np.asarray(chunk_scales(arr, tp), dtype=np.float64)
+    u = np.clip((units - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
+    z_units = np.log(u) - np.log1p(-u)
+    z = z_units[frames_of]
+    if mode == "sharpen" and len(units) > 1:
         pin = -math.log(_U_EPS)  # logit(1 - eps): the top frame at s_max
 
         def sharp(log_tau: float) -> np.ndarray:

@@ -23,7 +23,6 @@ from resadapt.budget import uniform_scale_for_retention
 from resadapt.calibration import apply_scales, chunk_evidence, condition_scales
 from resadapt.config import Params, RLParams
 from resadapt.data.embedded import load_benchmark
-from resadapt.rewards import score
 from resadapt.trainer import CAPOTrainer, CAPOTrainerConfig
 
 
@@ -60,8 +59,20 @@ def rows(params: Params, split: str, tasks: list[str], limit: int | None = None)
     return out
 
 
+# Library code a run's trajectory depends on: a checkpoint written by other code is not resumed.
+_RUN_CODE = (
+    "allocator.py",
+    "capo.py",
+    "trainer.py",
+    "budget.py",
+    "calibration.py",
+    "backbone.py",
+    "rewards.py",
+)
+
+
 def fingerprint(params: Params, rl: RLParams, objective: str, max_steps: int) -> str:
-    """12 hex digits identifying a run: the params it reads plus the backbone and data it trains on."""
+    """12 hex digits identifying a run: the params it reads, the code it runs, the backbone and data."""
 
     def files(root: Path) -> list:
         return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
@@ -74,6 +85,10 @@ def fingerprint(params: Params, rl: RLParams, objective: str, max_steps: int) ->
         "max_steps": max_steps,
         "backbone": files(Path(params.backbone.path)),
         "tables": files(Path(params.data.root) / "tables"),
+        "code": {
+            name: hashlib.sha256((Path(__file__).parent / name).read_bytes()).hexdigest()
+            for name in _RUN_CODE
+        },
     }
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -216,11 +231,8 @@ def compare_allocations(
             meta.append(
                 {"id": a["row"]["id"], "task": a["row"]["task"], "method": method, "retention": tokens / ref}
             )
-    out = []
-    for i in range(0, len(items), 16):
-        for m, sc in zip(meta[i : i + 16], _score_batch(trainer, items[i : i + 16]), strict=True):
-            out.append(m | {"score": sc})
-    return pd.DataFrame(out)
+    scores = trainer.greedy_scores(items)
+    return pd.DataFrame([m | {"score": sc} for m, sc in zip(meta, scores, strict=True)])
 
 
 def _method_scales(method, scales, sample, geom, operating_retention, mean_ret, s_min, s_max) -> np.ndarray:
@@ -237,31 +249,6 @@ def _method_scales(method, scales, sample, geom, operating_retention, mean_ret, 
     else:
         out = np.ones(n)
     return np.asarray(out, dtype=np.float64)
-
-
-def _score_batch(trainer: CAPOTrainer, part: list[dict]) -> list[float]:
-    import torch
-
-    from resadapt.backbone import build_inputs
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tok = trainer.processing_class.tokenizer
-    batch = build_inputs(
-        trainer.processing_class, [a["visual"] for a in part], [a["row"]["question"] for a in part]
-    )
-    with torch.no_grad():
-        seq = model.generate(
-            **batch,
-            max_new_tokens=trainer.max_completion_length,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            suppress_tokens=trainer.generation_kwargs["suppress_tokens"],
-        )
-    texts = tok.batch_decode(seq[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [
-        score(a["row"]["task"], t, a["row"]["answer"], a["row"]["options"], a["row"]["answer_span"])
-        for a, t in zip(part, texts, strict=True)
-    ]
 
 
 def evidence_gap(trainer: CAPOTrainer, test_rows: list[dict]) -> dict:

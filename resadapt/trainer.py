@@ -669,8 +669,12 @@ class CAPOTrainer(GRPOTrainer):
         self.log(metrics)
         return metrics
 
+    def _greedy_accuracy(self, allocs: list[dict]) -> float:
+        return float(np.mean(self.greedy_scores(allocs)))
+
     @torch.no_grad()
-    def _greedy_accuracy(self, allocs: list[dict], batch_size: int = 16) -> float:
+    def greedy_scores(self, allocs: list[dict], batch_size: int = 16) -> list[float]:
+        """Greedy answer scores of {"row", "visual"} items with the (unwrapped) backbone."""
         scores = []
         model = self.accelerator.unwrap_model(self.model)
         tok = self._tokenizer
@@ -678,8 +682,7 @@ class CAPOTrainer(GRPOTrainer):
             part = allocs[i : i + batch_size]
             batch = build_inputs(
                 self.processing_class, [a["visual"] for a in part], [a["row"]["question"] for a in part]
-            )
-            batch = batch.to(self.accelerator.device)
+            ).to(self.accelerator.device)
             seq = model.generate(
                 **batch,
                 max_new_tokens=self.max_completion_length,
@@ -691,7 +694,7 @@ class CAPOTrainer(GRPOTrainer):
             for a, t in zip(part, texts, strict=True):
                 r = a["row"]
                 scores.append(score(r["task"], t, r["answer"], r["options"], r["answer_span"]))
-        return float(np.mean(scores))
+        return scores
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints hold both models and both optimizers.
