@@ -47,7 +47,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from resadapt.budget import VisionGeometry, chunk_scales, image_tokens, retention_of_tokens, video_tokens
-from resadapt.capo import beta_log_prob
+from resadapt.capo import beta_log_prob, token_saturation_scale
 
 __all__ = [
     "AllocatorConfig",
@@ -945,6 +945,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def clip_to_saturation(
+    scales: Sequence[float] | np.ndarray, height: int, width: int, geom: VisionGeometry, s_max: float
+) -> np.ndarray:
+    """Clip scales at the smallest scale that already gives a frame its most tokens.
+
+    Above it a scale adds nothing, and at the pixel cap smart_resize's flooring can even take tokens away:
+    a 224 px frame under a 224^2 cap is 224 px at s = 1 and at s = 1.25, but 196 px at s = 1.2499 (floor(279)
+    is scaled back below 224 and floored to 7 x 28). The Allocator's actions above 1 must not cost it the
+    frame it asked for, so the operator gets clipped scales (the cost proxy clips at the same point).
+    """
+    arr = _check_allocation(scales)
+    return np.minimum(arr, token_saturation_scale(int(height), int(width), geom, float(s_max)))
+
+
 def hard_budget_scales(
     scales: Sequence[float] | np.ndarray,
     height: int,
@@ -998,6 +1012,8 @@ def hard_budget_scales(
         tp = geom.temporal_patch_size
         frames_of = np.arange(len(arr)) // tp
         units = np.asarray(chunk_scales(arr, tp), dtype=np.float64)
+    # scales beyond the token saturation add nothing and can lose tokens (see clip_to_saturation)
+    cap = hi_s if is_image else token_saturation_scale(int(height), int(width), geom, hi_s)
     u = np.clip((units - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
     z_units = np.log(u) - np.log1p(-u)
     z = z_units[frames_of]
@@ -1005,7 +1021,7 @@ def hard_budget_scales(
         pin = -math.log(_U_EPS)  # logit(1 - eps): the top frame at s_max
 
         def sharp(log_tau: float) -> np.ndarray:
-            return lo_s + _sigmoid((z - z.max()) / math.exp(log_tau) + pin) * (hi_s - lo_s)
+            return np.minimum(lo_s + _sigmoid((z - z.max()) / math.exp(log_tau) + pin) * (hi_s - lo_s), cap)
 
         def sharp_ret(log_tau: float) -> float:
             return allocation_tokens(sharp(log_tau), height, width, geom, is_image) / ref
@@ -1023,7 +1039,7 @@ def hard_budget_scales(
             return sharp(lo_t)
 
     def at(b: float) -> np.ndarray:
-        return lo_s + _sigmoid(z + b) * (hi_s - lo_s)
+        return np.minimum(lo_s + _sigmoid(z + b) * (hi_s - lo_s), cap)
 
     def ret(b: float) -> float:
         return allocation_tokens(at(b), height, width, geom, is_image) / ref

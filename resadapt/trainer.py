@@ -32,7 +32,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
 from resadapt import capo
-from resadapt.allocator import Allocator, FrameFeatures
+from resadapt.allocator import Allocator, FrameFeatures, clip_to_saturation
 from resadapt.backbone import build_inputs
 from resadapt.budget import VisionGeometry
 from resadapt.calibration import LoadedSample, apply_scales, load_sample
@@ -341,7 +341,7 @@ class CAPOTrainer(GRPOTrainer):
         for k in range(P * M):
             p = prompts[k // M]
             n = int(frame_mask[k].sum())
-            s = scales[k, :n].cpu().numpy().astype(np.float64)
+            s = self._operator_scales(p.sample, scales[k, :n].cpu().numpy())
             visual, tok, ref = apply_scales(p.sample, s, self.geometry)
             visuals.append(visual)
             questions.append(p.row["question"])
@@ -459,6 +459,14 @@ class CAPOTrainer(GRPOTrainer):
         metrics["time/operator"].append(t_operator)
         metrics["time/generate"].append(t_generate)
         return output
+
+    def _operator_scales(self, sample: LoadedSample, scales: np.ndarray) -> np.ndarray:
+        """What the budget operator gets: video scales clipped at token saturation (`clip_to_saturation`)."""
+        s = np.asarray(scales, dtype=np.float64)
+        if sample.is_image:
+            return s
+        h, w = sample.frames.shape[-3:-1]
+        return clip_to_saturation(s, h, w, self.geometry, self.capo_config.s_max)
 
     def _saturation(self, sample: LoadedSample) -> float:
         h, w = sample.frames.shape[-3:-1]
@@ -623,7 +631,7 @@ class CAPOTrainer(GRPOTrainer):
         result = []
         for k, p in enumerate(prompts):
             n = int(out.frame_mask[k].sum())
-            s = scales[k, :n].cpu().numpy().astype(np.float64)
+            s = self._operator_scales(p.sample, scales[k, :n].cpu().numpy())
             visual, tok, ref = apply_scales(p.sample, s, self.geometry)
             ev = p.sample.evidence_mask[:n] if not p.sample.is_image else np.array([True])
             result.append(

@@ -441,10 +441,9 @@ def test_hard_budget_single_image_and_errors():
         hard_budget_scales([1.0, 1.0], 224, 224, geom, 0.5, 1.0, 0.5)
     with pytest.raises(ValueError, match="image=True"):
         hard_budget_scales([1.0, 1.0], 224, 224, geom, 0.5, 0.125, 1.25, image=True)
-    # a target that s_max cannot exceed: everything goes to s_max
-    np.testing.assert_allclose(
-        hard_budget_scales([0.2, 0.3], 224, 224, geom, 1.0, 0.125, 1.0), 1.0, atol=1e-5
-    )
+    # a target that s_max cannot exceed: everything gets the tokens of s_max (at its saturation scale)
+    out = hard_budget_scales([0.2, 0.3], 224, 224, geom, 1.0, 0.125, 1.0)
+    assert allocation_tokens(out, 224, 224, geom) == allocation_tokens([1.0, 1.0], 224, 224, geom)
     # scales above 1 add tokens, so a full-retention target can pull an allocation down
     out = hard_budget_scales([1.2, 1.25], 224, 224, geom, 1.0, 0.125, 1.25)
     assert out[0] <= out[1] < 1.25 and allocation_retention(out, 224, 224, geom) <= 1.0
@@ -493,7 +492,19 @@ def test_hard_budget_sharpen_keeps_the_top_chunk_at_full_resolution():
     for out in (sharp, shift):
         assert allocation_retention(out, 224, 224, geom) <= 0.3
         assert np.all(np.diff(out[::2]) <= 1e-12), "ranking kept"
-    assert sharp[:2].mean() >= 1.0, "the top chunk keeps all its tokens"
-    assert shift[:2].mean() < 0.9375, "a plain shift lowers the top chunk too"
+    full = video_tokens(2, 224, 224, geom)
+    assert video_tokens(2, 224, 224, geom, sharp[:2].mean()) == full, "the top chunk keeps all its tokens"
+    assert video_tokens(2, 224, 224, geom, shift[:2].mean()) < full, "a plain shift lowers the top chunk too"
     with pytest.raises(ValueError, match="mode"):
         hard_budget_scales(scales, 224, 224, geom, 0.3, 0.125, 1.25, mode="topk")
+
+
+def test_clip_to_saturation_keeps_the_frame_the_allocator_asked_for():
+    from resadapt.allocator import clip_to_saturation
+    from resadapt.budget import scaled_size
+
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
+    assert scaled_size(224, 224, 1.2499, geom) == (196, 196), "the pitfall: flooring at the pixel cap"
+    clipped = clip_to_saturation([1.2499, 1.0, 0.5], 224, 224, geom, 1.25)
+    assert scaled_size(224, 224, clipped[0], geom) == (224, 224)
+    assert clipped[0] <= 1.0 and clipped[2] == 0.5

@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import SMALL_BACKBONE
 from datasets import Dataset
 
-from resadapt.allocator import Allocator
+from resadapt.allocator import Allocator, clip_to_saturation
 from resadapt.backbone import TinyBackboneSpec, build_inputs, build_tiny_backbone, save_backbone
 from resadapt.calibration import apply_scales, load_sample
 from resadapt.data.embedded import BenchmarkSpec, load_benchmark, write_benchmark
@@ -139,8 +138,10 @@ def test_rollout_batch_and_loss_forward_see_the_generation_pixels(bench, tmp_pat
     sample = load_sample(rows[0], bench, rows[0]["num_frames"])
     for i in range(B):
         u = out["alloc_u"][i][out["alloc_mask"][i]].numpy()
-        scales = cfg.s_min + u * (cfg.s_max - cfg.s_min)
-        visual, _, _ = apply_scales(sample, scales.astype(np.float64), trainer.geometry)
+        scales = clip_to_saturation(
+            cfg.s_min + u * (cfg.s_max - cfg.s_min), 112, 112, trainer.geometry, cfg.s_max
+        )
+        visual, _, _ = apply_scales(sample, scales, trainer.geometry)
         direct = build_inputs(trainer.processing_class, [visual], [rows[0]["question"]])
         comp = out["completion_ids"][i][out["completion_mask"][i].bool()]
         full = torch.cat([direct["input_ids"][0], comp]).unsqueeze(0)
