@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from resadapt.allocator import Allocator, hard_budget_scales
@@ -188,6 +190,12 @@ def run(
     run_dir = Path(checkpoints) / f"{objective}-{fingerprint(params, rl, objective, steps)}"
     trainer = make_trainer(params, rl, model, processor, run_dir, objective, steps)
     last = get_last_checkpoint(str(run_dir)) if run_dir.exists() else None
+    if last and TrainerState.load_from_json(str(Path(last) / "trainer_state.json")).global_step >= steps:
+        # The Trainer would take one more step when resumed at max_steps: load the finished run instead.
+        print(f"loading the finished run from {last}", flush=True)
+        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        trainer.allocator.load_state_dict(load_file(str(Path(last) / "allocator" / "model.safetensors")))
+        return trainer
     if last:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
