@@ -356,4 +356,11 @@ def load_params(path: str | Path = "params.yaml", require_paths: bool = True) ->
                 f"{path}: backbone.checkpoint = {ckpt!r}: no checkpoint there (config.json missing); "
                 "with backbone.source = 'path' it must name a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder"
             )
+    if require_paths and params.allocator.encoder == "smolvlm":
+        enc = Path(params.allocator.encoder_path)
+        if not (enc / "config.json").exists():
+            raise ConfigError(
+                f"{path}: allocator.encoder_path = {str(enc)!r}: no checkpoint there (config.json missing); "
+                "with allocator.encoder = 'smolvlm' it must name a local SmolVLM2 folder"
+            )
     return params

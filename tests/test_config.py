@@ -180,3 +180,16 @@ def test_several_errors_are_all_listed(tmp_path: Path, base: dict) -> None:
     ):
         assert any(line.strip().startswith(key) for line in lines), (key, message)
     assert len(lines) == 5
+
+
+def test_smolvlm_encoder_needs_a_local_checkpoint(tmp_path):
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    data["allocator"].update(encoder="smolvlm", encoder_path=str(tmp_path / "smol"))
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="allocator.encoder_path"):
+        load_params(f)
+    data["allocator"]["encoder_path"] = None
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="encoder_path"):
+        load_params(f)
