@@ -89,7 +89,7 @@ def test_ablation_checks():
         "lagrangian": {"accuracy": 0.2, "final_val_mean_scale": 0.2},
         "capo": {"accuracy": 0.88, "final_val_mean_scale": 0.6},
     }
-    checks = ablation_checks(finals, val, None)
+    checks = ablation_checks(finals, val)
     assert checks == {
         "complete": True,
         "no_cost_drifts_up": True,
@@ -98,5 +98,5 @@ def test_ablation_checks():
         "capo_accuracy_near_no_cost": True,
     }
     finals["capo"]["final_val_mean_scale"] = 1.3
-    assert not ablation_checks(finals, val, None)["capo_between"]
-    assert ablation_checks({"capo": finals["capo"]}, val, None) == {"complete": False}
+    assert not ablation_checks(finals, val)["capo_between"]
+    assert ablation_checks({"capo": finals["capo"]}, val) == {"complete": False}

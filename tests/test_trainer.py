@@ -164,12 +164,13 @@ def test_rollout_batch_and_loss_forward_see_the_generation_pixels(bench, tmp_pat
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
     # TRL's own path (no video features) gives other log-probs: the test above could fail.
-    no_video, _, _ = GRPOparent(trainer, model, ids, mask, keep, out["mm_token_type_ids"])
+    no_video, _, _ = _trl_logps(trainer, model, ids, mask, keep)
     m = out["completion_mask"].bool()
     assert (no_video[m] - logps[m]).abs().max() > 1e-3
 
 
-def GRPOparent(trainer, model, ids, mask, keep, mm):
+def _trl_logps(trainer, model, ids, mask, keep):
+    """TRL's own log-prob path, which passes no video features."""
     from trl import GRPOTrainer
 
     with torch.no_grad():
@@ -183,10 +184,9 @@ def test_frozen_backbone_trains_only_the_allocator(bench, tmp_path):
     trainer.train()
     after_b = trainer.model.state_dict()
     assert all(torch.equal(before_b[k], after_b[k]) for k in before_b), "the frozen backbone changed"
-    changed = [k for k, v in trainer.allocator.state_dict().items() if not torch.equal(before_a[k], v)]
-    assert changed and all(
-        not k.startswith(("visual", "query_encoder", "encoder")) or "decoder" in k for k in changed
-    )
+    changed = {k for k, v in trainer.allocator.state_dict().items() if not torch.equal(before_a[k], v)}
+    frozen = {n for n, p in trainer.allocator.named_parameters() if not p.requires_grad}
+    assert changed and frozen and not changed & frozen, "only the decoder and head may change"
     logged = trainer.state.log_history[0]
     for key in (
         "reward",
