@@ -245,10 +245,40 @@ class AblationParams(_Section):
 
 
 class EvaluateParams(_Section):
-    methods: list[Method] = ["vanilla", "fixed_scale", "oracle"]
-    budgets: list[Budget] = [0.10, 0.25]
-    frames: list[PositiveInt] = [8, 16, 32, 64]
+    """Stage evaluate (resadapt/evaluate.py): the main grid and the frames-scaling grid, test split."""
+
+    methods: list[Method] = list(get_args(Method))
+    budgets: list[Budget] = [0.10, 0.25]  # target retentions of the budgeted methods
     tasks: list[Task] = list(TASKS)
+    samples_per_task: PositiveInt = 60
+    frames: list[PositiveInt] = [8, 16, 32, 64]  # frame counts of the frames-scaling grid
+    frames_task: Task = "long_video"
+    frames_methods: list[Method] = ["vanilla", "fixed_scale", "oracle", "frame_selection", "resadapt_hard"]
+    frames_reference: PositiveInt = 8  # equal token budget: what Vanilla feeds with this many frames
+    overhead_frames: PositiveInt = 32  # frame count of the Allocator-overhead ratio
+    results: str = "results/evaluate"  # stage output: the per-sample JSONL log
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateParams:
+        for key in ("methods", "frames_methods", "budgets", "frames", "tasks"):
+            values = getattr(self, key)
+            if not values:
+                raise ValueError(f"evaluate.{key} must not be empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"evaluate.{key} has duplicates: {values}")
+        if self.frames_reference not in self.frames:
+            raise ValueError(
+                f"evaluate.frames_reference ({self.frames_reference}) must be one of evaluate.frames {self.frames}"
+            )
+        if self.overhead_frames not in self.frames:
+            raise ValueError(
+                f"evaluate.overhead_frames ({self.overhead_frames}) must be one of evaluate.frames {self.frames}"
+            )
+        if "vanilla" not in self.frames_methods:
+            raise ValueError(
+                "evaluate.frames_methods must include 'vanilla' (the equal-token-budget reference)"
+            )
+        return self
 
 
 class Params(_Section):

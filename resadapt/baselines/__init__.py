@@ -1,0 +1,39 @@
+"""Every evaluated method behind one interface (`base.Method`): rule-based resizing, chunk selection,
+post-encoder token pruning, the slow-fast heuristic, the Oracle and ResAdapt itself.
+
+`build_method(name, context)` makes one by the name `params.yaml` uses (`config.Method`).
+"""
+
+from __future__ import annotations
+
+from resadapt.baselines.allocated import ResAdapt, ResAdaptHard
+from resadapt.baselines.base import Method, MethodContext, Plan, Realised, realise
+from resadapt.baselines.scaling import FixedScale, Oracle, Vanilla
+from resadapt.baselines.selection import FrameSelection, RandomDrop
+from resadapt.baselines.slow_fast import SlowFast
+from resadapt.baselines.token_pruning import ToMe, VisionZip
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (
+        Vanilla,
+        FixedScale,
+        RandomDrop,
+        ToMe,
+        VisionZip,
+        SlowFast,
+        FrameSelection,
+        Oracle,
+        ResAdapt,
+        ResAdaptHard,
+    )
+}
+
+
+def build_method(name: str, context: MethodContext) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name](context)
+
+
+__all__ = ["METHODS", "Method", "MethodContext", "Plan", "Realised", "build_method", "realise"]

@@ -1,0 +1,106 @@
+"""ResAdapt itself behind the method interface: the trained Allocator's deterministic allocation, as is
+(`resadapt`: its own retention) and rescaled to the target retention (`resadapt_hard`: the hard budget mode).
+
+The Allocator runs once per sample and frame count; the allocation and its measured time (coarse encode,
+predict) are cached in the `MethodContext`, so ResAdapt, its hard-budget rows and frame selection all
+report the cost of the same allocation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from resadapt.allocator import clip_to_saturation, hard_budget_scales
+from resadapt.baselines.base import Method, MethodContext, Plan, frame_size
+from resadapt.calibration import LoadedSample
+
+_BATCH = 16
+
+
+@dataclass
+class Allocation:
+    scales: np.ndarray  # per frame, as the operator gets them (clipped at token saturation)
+    timings: dict[str, float]
+
+
+def _key(sample: LoadedSample) -> tuple:
+    return ("allocation", str(sample.row["id"]), len(sample.frames) if not sample.is_image else 0)
+
+
+@torch.no_grad()
+def deterministic_allocations(context: MethodContext, samples: list[LoadedSample]) -> list[Allocation]:
+    """The Allocator's Beta-mean allocation of each sample (cached), with per-sample encode/predict time."""
+    allocator = context.allocator
+    if allocator is None or context.allocator_tokenizer is None:
+        raise ValueError("ResAdapt methods need a trained Allocator and its tokenizer in the MethodContext")
+    todo = [s for s in samples if _key(s) not in context.cache]
+    allocator.eval()
+    s_max = float(allocator.config.s_max)
+    for i in range(0, len(todo), _BATCH):
+        part = todo[i : i + _BATCH]
+        t0 = time.perf_counter()
+        feats = allocator.encode_frames([s.frames for s in part])
+        tok = context.allocator_tokenizer(
+            [s.row["question"] for s in part], add_special_tokens=False, padding=True, return_tensors="pt"
+        )
+        q, q_mask = allocator.encode_query(tok["input_ids"], tok["attention_mask"])
+        t1 = time.perf_counter()
+        out = allocator(feats.tokens, feats.mask, q, q_mask)
+        scales = allocator.mean_scales(out).cpu().numpy().astype(np.float64)
+        t2 = time.perf_counter()
+        timings = {"allocator_encode": (t1 - t0) / len(part), "allocator_predict": (t2 - t1) / len(part)}
+        for k, s in enumerate(part):
+            sc = scales[k, : feats.num_frames[k]]
+            if not s.is_image:
+                sc = clip_to_saturation(sc, *frame_size(s), context.geometry, s_max)
+            context.cache[_key(s)] = Allocation(sc, dict(timings))
+    return [context.cache[_key(s)] for s in samples]
+
+
+class ResAdapt(Method):
+    """The trained Allocator's deterministic (Beta-mean) allocation, at whatever retention it chooses."""
+
+    name = "resadapt"
+    budgeted = False
+
+    def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]:
+        return [
+            Plan(scales=a.scales, timings=dict(a.timings))
+            for a in deterministic_allocations(self.context, samples)
+        ]
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        return self.plan_batch([sample], budget)[0]
+
+
+class ResAdaptHard(Method):
+    """The deterministic allocation rescaled to the target retention (`allocator.hard_budget_scales`)."""
+
+    name = "resadapt_hard"
+
+    def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]:
+        self.check_budget(budget)
+        cfg = self.context.allocator.config
+        plans = []
+        for sample, a in zip(samples, deterministic_allocations(self.context, samples), strict=True):
+            t0 = time.perf_counter()
+            scales = hard_budget_scales(
+                a.scales,
+                *frame_size(sample),
+                self.geometry,
+                budget,
+                cfg.s_min,
+                cfg.s_max,
+                image=sample.is_image,
+            )
+            plans.append(
+                Plan(scales=scales, timings=a.timings | {"allocator_budget": time.perf_counter() - t0})
+            )
+        return plans
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        return self.plan_batch([sample], budget)[0]

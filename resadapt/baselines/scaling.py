@@ -1,0 +1,85 @@
+"""Methods that resize frames with a rule, not a model: Vanilla, FixedScale and the Oracle.
+
+FixedScale is the paper's strongest simple baseline (a uniform downscale to the target retention); the
+Oracle knows from the benchmark which chunks hold the evidence and is the upper bound an allocator at the
+same retention could reach.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from resadapt.baselines.base import (
+    Method,
+    Plan,
+    evidence_chunks,
+    frame_size,
+    image_scale_for_retention,
+    largest_scale,
+    video_scale_for_retention,
+)
+from resadapt.budget import video_tokens
+from resadapt.calibration import LoadedSample
+
+
+class Vanilla(Method):
+    """The unmodified input: every frame at full resolution (retention 1)."""
+
+    name = "vanilla"
+    budgeted = False
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        return Plan(scales=np.ones(1 if sample.is_image else len(sample.frames)))
+
+
+class FixedScale(Method):
+    """Every frame at the largest uniform scale whose measured retention is <= the target."""
+
+    name = "fixed_scale"
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        self.check_budget(budget)
+        if sample.is_image:
+            return Plan(
+                scales=np.array([image_scale_for_retention(budget, *frame_size(sample), self.geometry)])
+            )
+        return Plan(
+            scales=np.full(len(sample.frames), video_scale_for_retention(budget, sample, self.geometry))
+        )
+
+
+class Oracle(Method):
+    """Evidence chunks at full resolution, the rest at s_min; the budget left over goes to the rest.
+
+    At a budget the evidence cannot fill at full resolution, the evidence chunks share it at the largest
+    common scale that fits (the rest stay at s_min). An image is its own evidence: it is FixedScale.
+    """
+
+    name = "oracle"
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        self.check_budget(budget)
+        geom = self.geometry
+        if sample.is_image:
+            return Plan(scales=np.array([image_scale_for_retention(budget, *frame_size(sample), geom)]))
+        tp = geom.temporal_patch_size
+        n = len(sample.frames)
+        h, w = frame_size(sample)
+        evidence = evidence_chunks(sample, geom)
+        sizes = [min(tp, n - c * tp) for c in range(len(evidence))]
+        limit = math.floor(budget * video_tokens(n, h, w, geom))
+        s_min = self.context.s_min
+
+        def tokens(ev_scale: float, rest_scale: float) -> int:
+            return sum(
+                video_tokens(k, h, w, geom, ev_scale if e else rest_scale)
+                for k, e in zip(sizes, evidence, strict=True)
+            )
+
+        ev = largest_scale(lambda s: tokens(s, s_min), limit, h, w) or s_min
+        rest = s_min
+        if ev >= 1.0 and (~evidence).any():
+            rest = max(s_min, largest_scale(lambda s: tokens(1.0, s), limit, h, w) or s_min)
+        return Plan(scales=np.repeat(np.where(evidence, ev, rest), tp)[:n])

@@ -1,0 +1,510 @@
+"""One evaluator for every method x target retention x frame count x task.
+
+Each evaluated sample becomes one JSON line (question id, method, budget, frames, prediction, answer, score,
+visual tokens fed, retention, per-stage seconds) and the tables are aggregated from those lines only, so a
+number in a report can always be traced to the samples behind it. Retention is measured from the tokens the
+LLM actually received (design decision 2): counted from the placeholders in the prompt the backend built,
+and checked against the operator's own count for input-side methods.
+
+Time per sample is split into: frame decoding (shared by all methods, reported apart), allocator encode /
+predict / budget (ResAdapt and frame selection), the operator (resize), processor preprocessing, backbone
+prefill (until the first new token) and generation (the remaining tokens). A batch's time is divided evenly
+over its samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from resadapt.backbone import Generation, TransformersBackend, build_inputs
+from resadapt.baselines import Method, MethodContext, build_method, realise
+from resadapt.calibration import LoadedSample, load_sample
+from resadapt.rewards import score
+
+TIMING_KEYS = (
+    "allocator_encode",
+    "allocator_predict",
+    "allocator_budget",
+    "apply",
+    "preprocess",
+    "prefill",
+    "generate",
+)
+QA_TASKS = ("detail_qa", "multi_frame", "long_video", "image_qa")
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation with a per-stage time breakdown.
+
+
+class _StepClock(BaseStreamer):
+    """Records when generate hands over the prompt and each new token (the first one ends the prefill)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
+
+
+@dataclass
+class TimedGeneration:
+    generation: Generation
+    timings: dict[str, float]
+
+
+class TimedTransformersBackend(TransformersBackend):
+    """Greedy transformers generation (as `TransformersBackend`) that also splits each batch's time into
+    preprocess / prefill / generate."""
+
+    @torch.inference_mode()
+    def generate_timed(self, visuals, questions) -> list[TimedGeneration]:
+        out: list[TimedGeneration] = []
+        for i in range(0, len(visuals), self.batch_size):
+            vis, qs = visuals[i : i + self.batch_size], questions[i : i + self.batch_size]
+            t0 = time.perf_counter()
+            batch = build_inputs(self.processor, vis, qs, question_first=self.question_first)
+            t1 = time.perf_counter()
+            clock = _StepClock()
+            seq = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                streamer=clock,
+            )
+            t3 = time.perf_counter()
+            t2 = clock.times[1] if len(clock.times) > 1 else t3
+            n = len(vis)
+            timings = {"preprocess": (t1 - t0) / n, "prefill": (t2 - t1) / n, "generate": (t3 - t2) / n}
+            texts = self.processor.tokenizer.batch_decode(
+                seq[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            for j, text in enumerate(texts):
+                row = ids[j][mask[j]].tolist()
+                n_vis = sum(t in self.visual_ids for t in row)
+                gen = Generation(text.strip(), n_vis, len(row), (t3 - t0) / n)
+                out.append(TimedGeneration(gen, dict(timings)))
+        return out
+
+
+def generate_with(backend, visuals, questions) -> list[TimedGeneration]:
+    """Generations with timings from any backend (one without a breakdown reports its total as generate)."""
+    if hasattr(backend, "generate_timed"):
+        return backend.generate_timed(visuals, questions)
+    return [TimedGeneration(g, {"generate": g.seconds}) for g in backend.generate(visuals, questions)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid.
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (grid, task, frames, method, budget) combination; budget None for unbudgeted methods."""
+
+    grid: str
+    task: str
+    frames: int
+    method: str
+    budget: float | None
+
+
+@dataclass
+class Evaluator:
+    """Runs cells over loaded samples with one backbone; `pruned_backend(method, keep_ratio)` makes the
+    backend of a token-pruning method."""
+
+    model: Any
+    processor: Any
+    context: MethodContext
+    max_new_tokens: int = 12
+    batch_size: int = 16
+    pruned_backend: Any = None
+    _methods: dict[str, Method] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.backend = TimedTransformersBackend(
+            self.model, self.processor, self.max_new_tokens, self.batch_size
+        )
+
+    def method(self, name: str) -> Method:
+        if name not in self._methods:
+            self._methods[name] = build_method(name, self.context)
+        return self._methods[name]
+
+    def run_cell(
+        self, cell: Cell, samples: list[LoadedSample], decode_seconds: dict[str, float]
+    ) -> list[dict]:
+        method = self.method(cell.method)
+        samples = [s for s in samples if method.supports_images or not s.is_image]
+        if not samples:
+            return []
+        plans = method.plan_batch(samples, cell.budget)
+        realised = [realise(s, p, self.context.geometry) for s, p in zip(samples, plans, strict=True)]
+        if method.pruning is not None:
+            if self.pruned_backend is None:
+                raise ValueError(
+                    f"method {cell.method!r} prunes tokens but the Evaluator has no pruned_backend"
+                )
+            backend = self.pruned_backend(method.pruning, plans[0].keep_ratio)
+        else:
+            backend = self.backend
+        gens = generate_with(backend, [r.visual for r in realised], [s.row["question"] for s in samples])
+        rows = []
+        for s, p, r, g in zip(samples, plans, realised, gens, strict=True):
+            fed = g.generation.visual_tokens
+            if method.pruning is None and fed != r.tokens:
+                raise RuntimeError(
+                    f"{cell.method} on {s.row['id']}: the prompt holds {fed} visual tokens but the operator "
+                    f"counted {r.tokens}; token accounting is broken"
+                )
+            row = s.row
+            timings = dict.fromkeys(TIMING_KEYS, 0.0) | p.timings | {"apply": r.apply_seconds} | g.timings
+            rows.append(
+                {
+                    **asdict(cell),
+                    "id": str(row["id"]),
+                    "question": row["question"],
+                    "prediction": g.generation.text,
+                    "answer": row["answer"],
+                    "score": score(
+                        row["task"], g.generation.text, row["answer"], row["options"], row["answer_span"]
+                    ),
+                    "visual_tokens": fed,
+                    "reference_tokens": r.reference_tokens,
+                    "retention": fed / r.reference_tokens,
+                    "prompt_tokens": g.generation.prompt_tokens,
+                    "frame_scales": [round(x, 4) for x in r.frame_scales],
+                    "decode_seconds": decode_seconds.get(str(row["id"]), 0.0),
+                    "seconds": timings,
+                    "end_to_end_seconds": sum(timings.values()),
+                }
+            )
+        return rows
+
+
+def load_samples(rows: Sequence[dict], root: str | Path, num_frames: int) -> tuple[list[LoadedSample], dict]:
+    """Decoded samples and the seconds each took to decode (`num_frames` sampled uniformly per video)."""
+    samples, seconds = [], {}
+    for r in rows:
+        t0 = time.perf_counter()
+        samples.append(load_sample(r, root, num_frames))
+        seconds[str(r["id"])] = time.perf_counter() - t0
+    return samples, seconds
+
+
+def grid_cells(
+    grid: str, tasks: Iterable[str], frames: int, methods: Iterable[str], budgets: Iterable[float]
+) -> list[Cell]:
+    """Every (task, method, budget) at one frame count; unbudgeted methods once."""
+    from resadapt.baselines import METHODS
+
+    cells = []
+    for task in tasks:
+        for m in methods:
+            for b in budgets if METHODS[m].budgeted else [None]:
+                cells.append(Cell(grid, task, frames, m, None if b is None else float(b)))
+    return cells
+
+
+class ResultsLog:
+    """The per-sample JSONL log: refuses to overwrite an existing file, appends one line per sample."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already exists; remove it (dvc repro removes declared outputs) or pass overwrite=True"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write(self, rows: list[dict]) -> None:
+        with self.path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """The JSONL log as a table (timings flattened to `t_<stage>` columns)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no evaluation log at {path}; run the evaluate stage (dvc repro evaluate)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"evaluation log {path} is empty")
+    df = pd.DataFrame(records)
+    times = pd.DataFrame(list(df.pop("seconds"))).add_prefix("t_")
+    return pd.concat([df, times], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def budget_label(budget: float | None) -> str:
+    return "own" if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{budget:g}"
+
+
+def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["R"] = [budget_label(b) for b in df["budget"]]
+    return df
+
+
+def qa_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
+    """Table 1 layout: rows (method, target R), columns the QA tasks (accuracy, %) plus measured retention."""
+    part = _with_labels(df[(df.grid == grid) & df.task.isin(QA_TASKS)])
+    acc = part.pivot_table(index=["method", "R"], columns="task", values="score", aggfunc="mean") * 100
+    acc = acc[[t for t in QA_TASKS if t in acc.columns]]
+    acc.insert(0, "retention_%", part.groupby(["method", "R"])["retention"].mean() * 100)
+    return acc.round(1)
+
+
+def grounding_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
+    """Table 2 layout: rows (method, target R), columns R@0.3/0.5/0.7 and mIoU (%) plus measured retention."""
+    part = _with_labels(df[(df.grid == grid) & (df.task == "grounding")])
+    if part.empty:
+        return pd.DataFrame()
+    g = part.groupby(["method", "R"])
+    out = pd.DataFrame({"retention_%": g["retention"].mean() * 100})
+    for t in IOU_THRESHOLDS:
+        out[f"R@{t}"] = g["score"].apply(lambda s, t=t: (s >= t).mean() * 100)
+    out["mIoU"] = g["score"].mean() * 100
+    return out.round(1)
+
+
+def frames_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Frames scaling at an equal token budget: accuracy (%) and tokens per method and frame count."""
+    part = df[df.grid == "frames"]
+    g = part.groupby(["method", "frames"])
+    return pd.DataFrame(
+        {
+            "accuracy_%": g["score"].mean() * 100,
+            "visual_tokens": g["visual_tokens"].mean(),
+            "retention_%": g["retention"].mean() * 100,
+        }
+    ).round(1)
+
+
+def latency_table(df: pd.DataFrame, grid: str = "frames") -> pd.DataFrame:
+    """Mean milliseconds per sample for each stage, per method and frame count (decode listed apart)."""
+    part = df[df.grid == grid]
+    cols = [f"t_{k}" for k in TIMING_KEYS if f"t_{k}" in part.columns]
+    g = part.groupby(["method", "frames"])
+    out = g[cols].mean() * 1000
+    out.columns = [c.removeprefix("t_") for c in cols]
+    out["end_to_end"] = g["end_to_end_seconds"].mean() * 1000
+    out["decode"] = g["decode_seconds"].mean() * 1000
+    return out.round(1)
+
+
+def frontier(df: pd.DataFrame, task: str, grid: str = "main") -> pd.DataFrame:
+    """Accuracy against measured retention per (method, R) on one task (the efficiency-accuracy frontier)."""
+    part = _with_labels(df[(df.grid == grid) & (df.task == task)])
+    return (
+        part.groupby(["method", "R"])
+        .agg(retention=("retention", "mean"), accuracy=("score", "mean"), n=("score", "size"))
+        .reset_index()
+    )
+
+
+def overhead(df: pd.DataFrame, frames: int, method: str = "resadapt_hard") -> dict:
+    """Allocator share of ResAdapt's end-to-end time, and its speed-up over Vanilla at the same frame count."""
+    part = df[(df.grid == "frames") & (df.frames == frames)]
+    ours, van = part[part.method == method], part[part.method == "vanilla"]
+    if ours.empty or van.empty:
+        return {}
+    alloc = (ours["t_allocator_encode"] + ours["t_allocator_predict"] + ours["t_allocator_budget"]).mean()
+    return {
+        "frames": int(frames),
+        "method": method,
+        "retention": float(ours["retention"].mean()),
+        "allocator_ms": float(alloc * 1000),
+        "end_to_end_ms": float(ours["end_to_end_seconds"].mean() * 1000),
+        "allocator_share": float(alloc / ours["end_to_end_seconds"].mean()),
+        "vanilla_end_to_end_ms": float(van["end_to_end_seconds"].mean() * 1000),
+        "speedup_over_vanilla": float(van["end_to_end_seconds"].mean() / ours["end_to_end_seconds"].mean()),
+    }
+
+
+def frontier_checks(df: pd.DataFrame, task: str = "detail_qa", max_retention: float = 0.15) -> dict:
+    """Issue 4's frontier bars on `task`, measured (reported, not asserted): ResAdapt at retention <= 15%
+    against Vanilla - 2 points, FixedScale at the same target + 15 points, and 90% of the Oracle."""
+    f = frontier(df, task)
+    if f.empty:
+        return {}
+
+    def acc(method: str, r: str) -> float | None:
+        row = f[(f.method == method) & (f.R == r)]
+        return float(row.accuracy.iloc[0]) if len(row) else None
+
+    vanilla = acc("vanilla", "own")
+    out: dict[str, Any] = {"task": task, "vanilla": vanilla, "rows": {}}
+    for _, r in f[(f.method.isin(["resadapt", "resadapt_hard"])) & (f.retention <= max_retention)].iterrows():
+        fixed, oracle = acc("fixed_scale", r.R), acc("oracle", r.R)
+        key = f"{r.method}@{r.R}"
+        out["rows"][key] = {
+            "accuracy": float(r.accuracy),
+            "retention": float(r.retention),
+            "fixed_scale": fixed,
+            "oracle": oracle,
+            "ge_vanilla_minus_2_points": None if vanilla is None else bool(r.accuracy >= vanilla - 0.02),
+            "ge_fixed_scale_plus_15_points": None if fixed is None else bool(r.accuracy >= fixed + 0.15),
+            "ge_90pct_of_oracle": None if oracle is None else bool(r.accuracy >= 0.9 * oracle),
+        }
+    return out
+
+
+def frames_checks(df: pd.DataFrame, reference_frames: int, method: str = "resadapt_hard") -> dict:
+    """ResAdapt with >= 32 frames at the token budget of Vanilla with `reference_frames` frames: relative gain."""
+    t = frames_table(df)
+    if ("vanilla", reference_frames) not in t.index:
+        return {}
+    base = float(t.loc[("vanilla", reference_frames), "accuracy_%"])
+    out = {"reference": f"vanilla@{reference_frames}", "reference_accuracy_%": base, "rows": {}}
+    for (m, f), row in t.iterrows():
+        if m == method and f >= 32:
+            gain = (row["accuracy_%"] - base) / base if base > 0 else float("nan")
+            out["rows"][str(f)] = {
+                "accuracy_%": float(row["accuracy_%"]),
+                "visual_tokens": float(row["visual_tokens"]),
+                "relative_gain": gain,
+                "gain_ge_15pct": bool(gain >= 0.15),
+            }
+    return out
+
+
+def threads_note() -> str:
+    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+
+
+def summary_rows(df: pd.DataFrame) -> list[dict]:
+    """Compact (grid, task, frames, method, R) -> accuracy / retention rows for DVC metrics."""
+    g = _with_labels(df).groupby(["grid", "task", "frames", "method", "R"])
+    out = g.agg(score=("score", "mean"), retention=("retention", "mean"), n=("score", "size")).reset_index()
+    return out.to_dict("records")
+
+
+def np_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluate stage.
+
+ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")
+
+
+def stage_cells(params) -> list[Cell]:
+    """The main grid (every method x budget x task at `data.num_frames`) and the frames-scaling grid
+    (`frames_methods` on `frames_task` at each frame count, budgeted methods at the token budget Vanilla
+    has with `frames_reference` frames: tokens grow linearly with frames, so that is R = reference / F)."""
+    ev = params.evaluate
+    cells = grid_cells("main", ev.tasks, params.data.num_frames, ev.methods, ev.budgets)
+    for f in ev.frames:
+        cells += grid_cells(
+            "frames", [ev.frames_task], f, ev.frames_methods, [min(1.0, ev.frames_reference / f)]
+        )
+    return cells
+
+
+def stage_context(params, model, processor, methods: Iterable[str]) -> MethodContext:
+    """Method context for the stage; loads the trained Allocator only when a method needs it."""
+    from resadapt.budget import VisionGeometry
+
+    context = MethodContext(
+        geometry=VisionGeometry.from_processor(processor),
+        s_min=params.budget.s_min,
+        s_max=params.budget.s_max,
+        seed=params.seed,
+    )
+    if set(methods) & set(ALLOCATOR_METHODS):
+        from resadapt.allocator import Allocator
+        from resadapt.rl_stages import allocator_tokenizer
+
+        path = Path(params.allocator.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"allocator.path {path} holds no trained Allocator; run the train stage (dvc repro train)"
+            )
+        context.allocator = Allocator.from_pretrained(path)
+        context.allocator_tokenizer = allocator_tokenizer(params, processor)
+    return context
+
+
+def run_stage(params, model, processor, results_path: str | Path, overwrite: bool = False) -> pd.DataFrame:
+    """Run every cell of `stage_cells` on the test split, logging each sample to `results_path` (JSONL)."""
+    from resadapt.rl_stages import rows as benchmark_rows
+
+    cells = stage_cells(params)
+    methods = {c.method for c in cells}
+    context = stage_context(params, model, processor, methods)
+    gen = params.backbone.generation
+
+    def pruned(method: str, keep_ratio: float):
+        from resadapt.baselines.token_pruning import PrunedBackend
+
+        return PrunedBackend(model, processor, method, keep_ratio, gen.max_new_tokens, gen.batch_size)
+
+    evaluator = Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned)
+    log = ResultsLog(results_path, overwrite)
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.task, c.frames), []).append(c)
+    all_rows: list[dict] = []
+    bar = tqdm(total=len(cells), desc="evaluate", mininterval=5)
+    for (task, frames), group in groups.items():
+        rows = benchmark_rows(params, "test", [task], limit=params.evaluate.samples_per_task)
+        samples, decode = load_samples(rows, params.data.root, frames)
+        for cell in group:
+            out = evaluator.run_cell(cell, samples, decode)
+            log.write(out)
+            all_rows += out
+            bar.update()
+        context.cache.clear()
+    bar.close()
+    return read_results(log.path)
+
+
+def stage_metrics(df: pd.DataFrame, params) -> dict:
+    """Everything the report states, for `dvc metrics show`: both tables, frames scaling, overhead, checks."""
+    ev = params.evaluate
+
+    def records(t: pd.DataFrame) -> dict:
+        return {
+            " @ ".join(map(str, k)) if isinstance(k, tuple) else str(k): v
+            for k, v in t.to_dict("index").items()
+        }
+
+    return {
+        "qa": records(qa_table(df)),
+        "grounding": records(grounding_table(df)),
+        "frames": records(frames_table(df)),
+        "frontier_detail_qa": frontier_checks(df, "detail_qa"),
+        "frames_scaling": frames_checks(df, ev.frames_reference),
+        "overhead": overhead(df, ev.overhead_frames),
+        "speedup_at_lowest_retention": overhead(df, max(ev.frames)),
+        "samples": int(len(df)),
+    }
