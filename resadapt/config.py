@@ -257,6 +257,7 @@ class EvaluateParams(_Section):
     frames_reference: PositiveInt = 8  # equal token budget: what Vanilla feeds with this many frames
     overhead_frames: PositiveInt = 32  # frame count of the Allocator-overhead ratio
     results: str = "results/evaluate"  # stage output: the per-sample JSONL log
+    workers: PositiveInt = 2  # evaluation processes (one thread each)
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateParams:
@@ -298,6 +299,13 @@ class Params(_Section):
             raise ValueError(
                 f"data.frame_size {fs} gives {fs * fs} pixels, above budget.max_pixels ({self.budget.max_pixels}): "
                 "full resolution would already be downscaled"
+            )
+        ev = self.evaluate
+        available = self.data.long_num_frames if ev.frames_task == "long_video" else self.data.num_frames
+        if max(ev.frames) > available:
+            raise ValueError(
+                f"evaluate.frames {ev.frames} asks for more frames than the {ev.frames_task} videos have "
+                f"({available}; data.{'long_num_frames' if ev.frames_task == 'long_video' else 'num_frames'})"
             )
         return self
 

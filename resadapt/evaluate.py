@@ -454,12 +454,7 @@ def stage_context(params, model, processor, methods: Iterable[str]) -> MethodCon
     return context
 
 
-def run_stage(params, model, processor, results_path: str | Path, overwrite: bool = False) -> pd.DataFrame:
-    """Run every cell of `stage_cells` on the test split, logging each sample to `results_path` (JSONL)."""
-    from resadapt.rl_stages import rows as benchmark_rows
-
-    cells = stage_cells(params)
-    methods = {c.method for c in cells}
+def _evaluator(params, model, processor, methods: Iterable[str]) -> Evaluator:
     context = stage_context(params, model, processor, methods)
     gen = params.backbone.generation
 
@@ -468,23 +463,70 @@ def run_stage(params, model, processor, results_path: str | Path, overwrite: boo
 
         return PrunedBackend(model, processor, method, keep_ratio, gen.max_new_tokens, gen.batch_size)
 
-    evaluator = Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned)
+    return Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned)
+
+
+def run_group(evaluator: Evaluator, params, cells: list[Cell]) -> list[dict]:
+    """Cells sharing (task, frames): the samples are decoded once and the allocations computed once."""
+    from resadapt.rl_stages import rows as benchmark_rows
+
+    task, frames = cells[0].task, cells[0].frames
+    rows = benchmark_rows(params, "test", [task], limit=params.evaluate.samples_per_task)
+    samples, decode = load_samples(rows, params.data.root, frames)
+    out = [r for cell in cells for r in evaluator.run_cell(cell, samples, decode)]
+    evaluator.context.cache.clear()
+    return out
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(params) -> None:
+    from resadapt.pipeline import load_stage_backbone
+
+    torch.set_num_threads(1)
+    model, processor = load_stage_backbone(params)
+    _WORKER["params"] = params
+    _WORKER["evaluator"] = _evaluator(params, model, processor, [c.method for c in stage_cells(params)])
+
+
+def _run_in_worker(job: tuple[int, list[Cell]]) -> tuple[int, list[dict]]:
+    index, cells = job
+    return index, run_group(_WORKER["evaluator"], _WORKER["params"], cells)
+
+
+def run_stage(
+    params, model, processor, results_path: str | Path, overwrite: bool = False, workers: int = 1
+) -> pd.DataFrame:
+    """Run every cell of `stage_cells` on the test split and log each sample to `results_path` (JSONL).
+
+    With `workers` > 1 the (task, frames) groups go to that many spawned processes (one thread each, the
+    backbone loaded from the backbone stage's output), largest first; results do not depend on the split.
+    """
+    cells = stage_cells(params)
     log = ResultsLog(results_path, overwrite)
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.task, c.frames), []).append(c)
-    all_rows: list[dict] = []
+    jobs = list(enumerate(groups.values()))
+    results: dict[int, list[dict]] = {}
     bar = tqdm(total=len(cells), desc="evaluate", mininterval=5)
-    for (task, frames), group in groups.items():
-        rows = benchmark_rows(params, "test", [task], limit=params.evaluate.samples_per_task)
-        samples, decode = load_samples(rows, params.data.root, frames)
-        for cell in group:
-            out = evaluator.run_cell(cell, samples, decode)
-            log.write(out)
-            all_rows += out
-            bar.update()
-        context.cache.clear()
+    if workers <= 1:
+        evaluator = _evaluator(params, model, processor, {c.method for c in cells})
+        for i, group in jobs:
+            results[i] = run_group(evaluator, params, group)
+            bar.update(len(group))
+    else:
+        import multiprocessing as mp
+
+        jobs.sort(key=lambda j: -len(j[1]) * j[1][0].frames)
+        with mp.get_context("spawn").Pool(workers, _init_worker, (params,)) as pool:
+            for i, out in pool.imap_unordered(_run_in_worker, jobs):
+                results[i] = out
+                bar.update(len(groups[list(groups)[i]]))
     bar.close()
+    for i in sorted(results):
+        log.write(results[i])
     return read_results(log.path)
 
 
@@ -508,3 +550,42 @@ def stage_metrics(df: pd.DataFrame, params) -> dict:
         "speedup_at_lowest_retention": overhead(df, max(ev.frames)),
         "samples": int(len(df)),
     }
+
+
+def check_lines(metrics: dict) -> list[str]:
+    """The issue's bars in words, each with the measured figure and, where it falls short, by how much."""
+    lines = []
+    front = metrics.get("frontier_detail_qa") or {}
+    van = front.get("vanilla")
+    for key, r in (front.get("rows") or {}).items():
+        acc, ret = 100 * r["accuracy"], 100 * r["retention"]
+        head = f"{key} on detail QA: {acc:.1f}% at retention {ret:.1f}%"
+        bars = []
+        if van is not None:
+            bars.append(("Vanilla - 2 points", 100 * van - 2))
+        if r["fixed_scale"] is not None:
+            bars.append(("FixedScale + 15 points", 100 * r["fixed_scale"] + 15))
+        if r["oracle"] is not None:
+            bars.append(("90% of the Oracle", 90 * r["oracle"]))
+        parts = [
+            f"{name} = {bar:.1f}: " + ("met" if acc >= bar - 1e-9 else f"short by {bar - acc:.1f} points")
+            for name, bar in bars
+        ]
+        lines.append(head + "; " + "; ".join(parts))
+    frames = metrics.get("frames_scaling") or {}
+    for f, r in (frames.get("rows") or {}).items():
+        gain = 100 * r["relative_gain"]
+        lines.append(
+            f"resadapt_hard with {f} frames at the token budget of {frames['reference']} "
+            f"({frames['reference_accuracy_%']:.1f}%): {r['accuracy_%']:.1f}%, {gain:+.1f}% relative "
+            + ("(bar +15%: met)" if r["gain_ge_15pct"] else f"(bar +15%: short by {15 - gain:.1f} points)")
+        )
+    for key in ("overhead", "speedup_at_lowest_retention"):
+        o = metrics.get(key) or {}
+        if o:
+            lines.append(
+                f"{o['method']} at {o['frames']} frames (retention {100 * o['retention']:.1f}%): Allocator "
+                f"{o['allocator_ms']:.0f} ms = {100 * o['allocator_share']:.0f}% of {o['end_to_end_ms']:.0f} ms "
+                f"end to end; Vanilla {o['vanilla_end_to_end_ms']:.0f} ms; speed-up {o['speedup_over_vanilla']:.2f}x"
+            )
+    return lines

@@ -23,7 +23,11 @@ _BATCH = 16
 
 @dataclass
 class Allocation:
-    scales: np.ndarray  # per frame, as the operator gets them (clipped at token saturation)
+    """`raw`: the Beta-mean scales in [s_min, s_max]; `scales`: what the operator gets (clipped at token
+    saturation). Rankings must use `raw`: clipping ties every chunk above saturation."""
+
+    raw: np.ndarray
+    scales: np.ndarray
     timings: dict[str, float]
 
 
@@ -54,10 +58,9 @@ def deterministic_allocations(context: MethodContext, samples: list[LoadedSample
         t2 = time.perf_counter()
         timings = {"allocator_encode": (t1 - t0) / len(part), "allocator_predict": (t2 - t1) / len(part)}
         for k, s in enumerate(part):
-            sc = scales[k, : feats.num_frames[k]]
-            if not s.is_image:
-                sc = clip_to_saturation(sc, *frame_size(s), context.geometry, s_max)
-            context.cache[_key(s)] = Allocation(sc, dict(timings))
+            raw = scales[k, : feats.num_frames[k]]
+            sc = raw if s.is_image else clip_to_saturation(raw, *frame_size(s), context.geometry, s_max)
+            context.cache[_key(s)] = Allocation(raw, sc, dict(timings))
     return [context.cache[_key(s)] for s in samples]
 
 
@@ -84,12 +87,13 @@ class ResAdaptHard(Method):
 
     def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]:
         self.check_budget(budget)
+        allocations = deterministic_allocations(self.context, samples)
         cfg = self.context.allocator.config
         plans = []
-        for sample, a in zip(samples, deterministic_allocations(self.context, samples), strict=True):
+        for sample, a in zip(samples, allocations, strict=True):
             t0 = time.perf_counter()
             scales = hard_budget_scales(
-                a.scales,
+                a.raw,
                 *frame_size(sample),
                 self.geometry,
                 budget,

@@ -58,7 +58,7 @@ class FrameSelection(Method):
                 s = image_scale_for_retention(budget, *frame_size(sample), self.geometry)
                 plans.append(Plan(scales=np.array([s]), timings=dict(alloc.timings)))
                 continue
-            scales = alloc.scales
+            scales = alloc.raw  # unclipped: clipping at token saturation ties the top chunks
             chunk_score = np.array(
                 [scales[c * tp : (c + 1) * tp].mean() for c in range(num_chunks(sample, self.geometry))]
             )

@@ -1,0 +1,188 @@
+"""The paper's figures in miniature, drawn from the evaluate stage's per-sample log (seaborn).
+
+Every figure reads only `evaluate.read_results(...)` (plus the decoded test frames for the thumbnails), so
+what a figure shows is what the log holds: efficiency-accuracy frontier, frames scaling at an equal token
+budget, allocation heatmaps next to the frames (active perception), and the latency breakdown.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from resadapt.evaluate import QA_TASKS, TIMING_KEYS, budget_label
+
+METHOD_ORDER = (
+    "vanilla",
+    "fixed_scale",
+    "random_drop",
+    "tome",
+    "visionzip",
+    "slow_fast",
+    "frame_selection",
+    "oracle",
+    "resadapt",
+    "resadapt_hard",
+)
+
+
+def _palette(methods) -> dict:
+    colours = sns.color_palette("tab10", len(METHOD_ORDER))
+    return {m: colours[METHOD_ORDER.index(m)] for m in methods if m in METHOD_ORDER}
+
+
+def frontier_plot(df: pd.DataFrame, tasks=None):
+    """Accuracy (grounding: mIoU) against measured retention, one line per method, one panel per task."""
+    main = df[df.grid == "main"].copy()
+    tasks = [t for t in (tasks or [*QA_TASKS, "grounding"]) if t in set(main.task)]
+    pts = (
+        main.assign(R=[budget_label(b) for b in main.budget])
+        .groupby(["task", "method", "R"])
+        .agg(retention=("retention", "mean"), accuracy=("score", "mean"))
+        .reset_index()
+    )
+    methods = [m for m in METHOD_ORDER if m in set(pts.method)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False, sharey=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        part = pts[pts.task == task].sort_values("retention")
+        sns.lineplot(
+            part,
+            x="retention",
+            y="accuracy",
+            hue="method",
+            hue_order=methods,
+            palette=_palette(methods),
+            marker="o",
+            ax=ax,
+            legend=ax is axes[0][-1],
+        )
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("measured retention")
+        ax.set_ylabel("mIoU" if task == "grounding" else "accuracy")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.suptitle("Efficiency-accuracy frontier (test split)")
+    fig.tight_layout()
+    return fig
+
+
+def frames_plot(df: pd.DataFrame, reference_frames: int):
+    """Accuracy against frame count at the token budget Vanilla has with `reference_frames` frames."""
+    part = df[df.grid == "frames"]
+    if part.empty:
+        return None
+    pts = part.groupby(["method", "frames"]).agg(accuracy=("score", "mean"), tokens=("visual_tokens", "mean"))
+    pts = pts.reset_index()
+    methods = [m for m in METHOD_ORDER if m in set(pts.method)]
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    for ax, y, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "tokens", "visual tokens fed")):
+        sns.lineplot(
+            pts,
+            x="frames",
+            y=y,
+            hue="method",
+            hue_order=methods,
+            palette=_palette(methods),
+            marker="o",
+            ax=ax,
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(pts.frames)), [str(f) for f in sorted(set(pts.frames))])
+        ax.set_ylabel(label)
+    axes[0].get_legend().remove()
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.suptitle(
+        f"More frames at the token budget of Vanilla with {reference_frames} frames (Vanilla: all tokens)"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def latency_plot(df: pd.DataFrame):
+    """Stacked mean time per sample by stage, per method and frame count (frames grid)."""
+    part = df[df.grid == "frames"]
+    if part.empty:
+        return None
+    cols = [f"t_{k}" for k in TIMING_KEYS]
+    mean = part.groupby(["frames", "method"])[cols].mean() * 1000
+    mean.columns = list(TIMING_KEYS)
+    frames = sorted(set(part.frames))
+    methods = [m for m in METHOD_ORDER if m in set(part.method)]
+    fig, axes = plt.subplots(1, len(frames), figsize=(3.2 * len(frames), 3.6), sharey=True, squeeze=False)
+    colours = sns.color_palette("Set2", len(TIMING_KEYS))
+    for ax, f in zip(axes[0], frames, strict=True):
+        bottom = np.zeros(len(methods))
+        for k, key in enumerate(TIMING_KEYS):
+            vals = np.array([mean.loc[(f, m), key] if (f, m) in mean.index else 0.0 for m in methods])
+            ax.bar(methods, vals, bottom=bottom, color=colours[k], label=key)
+            bottom += vals
+        ax.set_title(f"{f} frames")
+        ax.tick_params(axis="x", rotation=70)
+    axes[0][0].set_ylabel("ms per sample")
+    axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+    fig.suptitle("Where the time goes (decoding the video, shared by all methods, not shown)")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float | None]], geom_tp: int = 2):
+    """For each sample: frame thumbnails (evidence framed in red) above one row of per-frame scales per
+    method (0: frame dropped). `samples` are `calibration.LoadedSample`s of the main grid's frame count."""
+    main = df[df.grid == "main"]
+    n_frames = max(len(s.frames) for s in samples)
+    fig, axes = plt.subplots(
+        2 * len(samples),
+        1,
+        figsize=(min(1.0 * n_frames + 2.5, 20), 2.6 * len(samples)),
+        gridspec_kw={"height_ratios": [1.0, 0.25 * len(methods)] * len(samples)},
+    )
+    for i, s in enumerate(samples):
+        thumb_ax, heat_ax = axes[2 * i], axes[2 * i + 1]
+        strip = np.concatenate(list(s.frames), axis=1)
+        thumb_ax.imshow(strip)
+        w = s.frames.shape[2]
+        for f, ev in enumerate(s.evidence_mask):
+            if ev:
+                thumb_ax.add_patch(
+                    plt.Rectangle((f * w, 0), w - 1, s.frames.shape[1] - 1, fill=False, ec="red", lw=2)
+                )
+        thumb_ax.set_axis_off()
+        thumb_ax.set_title(f"{s.row['id']}: {s.row['question']} (answer {s.row['answer']})", fontsize=9)
+        grid, labels = [], []
+        for method, budget in methods:
+            rows = main[(main.id == str(s.row["id"])) & (main.method == method)]
+            rows = (
+                rows[rows.budget.isna()]
+                if budget is None
+                else rows[np.isclose(rows.budget.astype(float), budget)]
+            )
+            if rows.empty:
+                continue
+            r = rows.iloc[0]
+            grid.append(r.frame_scales)
+            labels.append(
+                f"{method} R={budget_label(budget)}: ret {r.retention:.2f}, {'✓' if r.score >= 1 else '✗'}"
+            )
+        sns.heatmap(
+            np.array(grid),
+            ax=heat_ax,
+            vmin=0,
+            vmax=1.0,
+            cmap="viridis",
+            cbar=i == 0,
+            annot=True,
+            fmt=".2f",
+            annot_kws={"fontsize": 7},
+            yticklabels=labels,
+            xticklabels=list(range(n_frames)),
+        )
+        heat_ax.tick_params(axis="y", rotation=0, labelsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,238 @@
+"""The baselines' budget arithmetic, the evaluator's token accounting and the tables built from its log."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SMALL_BACKBONE
+
+from resadapt import evaluate as E
+from resadapt.allocator import Allocator
+from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
+from resadapt.baselines import METHODS, MethodContext, build_method, realise
+from resadapt.baselines.slow_fast import chunk_novelty
+from resadapt.budget import VisionGeometry
+from resadapt.calibration import LoadedSample
+from resadapt.config import METHODS as CONFIG_METHODS
+
+GEOM = VisionGeometry(max_pixels=224 * 224, min_pixels=28 * 28)
+BUDGETED = [
+    m for m, c in METHODS.items() if c.budgeted and c.pruning is None and m not in E.ALLOCATOR_METHODS
+]
+
+
+def _video(sid="v0", n=16, size=224, evidence=(4, 5), seed=0) -> LoadedSample:
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    row = {"id": sid, "task": "detail_qa", "question": "What digit is on the red card?", "answer": "7"}
+    row |= {"options": [], "answer_span": [], "media_type": "video"}
+    mask = np.array([i in evidence for i in range(n)])
+    return LoadedSample(row, frames, list(range(n)), 2.0, mask)
+
+
+def _image(sid="i0", size=224) -> LoadedSample:
+    row = {"id": sid, "task": "image_qa", "question": "What digit is on the red card?", "answer": "7"}
+    row |= {"options": [], "answer_span": [], "media_type": "image"}
+    img = np.random.default_rng(1).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    return LoadedSample(row, img, [0], 0.0, np.array([True]))
+
+
+def test_registry_matches_the_config_names():
+    assert set(METHODS) == set(CONFIG_METHODS)
+
+
+@pytest.mark.parametrize("method", BUDGETED)
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_budgeted_methods_stay_within_their_budget(method, budget):
+    m = build_method(method, MethodContext(GEOM))
+    for sample in (_video(), _video("v1", n=15)):
+        r = realise(sample, m.plan(sample, budget), GEOM)
+        assert r.tokens / r.reference_tokens <= budget + 1e-9, (method, budget, r.tokens)
+        assert r.reference_tokens == (len(sample.frames) + 1) // 2 * 64
+
+
+def test_fixed_scale_uses_the_budget_and_oracle_gives_evidence_full_resolution():
+    sample = _video()
+    ctx = MethodContext(GEOM, s_min=0.125)
+    fixed = realise(sample, build_method("fixed_scale", ctx).plan(sample, 0.25), GEOM)
+    assert 0.2 <= fixed.tokens / fixed.reference_tokens <= 0.25
+    oracle = build_method("oracle", ctx)
+    roomy = oracle.plan(sample, 0.25).scales
+    assert np.all(roomy[4:6] == 1.0) and np.all(roomy[:4] > 0.125)
+    tight = oracle.plan(sample, 0.1).scales  # the evidence chunk alone needs 64/512 = 0.125
+    assert tight[4] < 1.0 and np.all(np.delete(tight, [4, 5]) == 0.125)
+
+
+def test_random_drop_depends_on_seed_and_sample_only():
+    a = build_method("random_drop", MethodContext(GEOM, seed=0))
+    b = build_method("random_drop", MethodContext(GEOM, seed=0))
+    c = build_method("random_drop", MethodContext(GEOM, seed=1))
+    plans = [m.plan(_video(f"v{i}"), 0.25).frames for i in range(6) for m in (a,)]
+    assert plans == [b.plan(_video(f"v{i}"), 0.25).frames for i in range(6)]
+    assert plans != [c.plan(_video(f"v{i}"), 0.25).frames for i in range(6)]
+    assert all(len(p) == 4 for p in plans)  # 2 of 8 chunks
+    assert not build_method("random_drop", MethodContext(GEOM)).supports_images
+
+
+def test_slow_fast_makes_the_changing_chunks_slow():
+    sample = _video()
+    sample.frames[:] = 100
+    sample.frames[6:8, :28, :28] = 250  # one card appears in chunk 3 only
+    novelty = chunk_novelty(sample.frames, 2)
+    assert np.isinf(novelty[0]) and novelty[3] > 0 and novelty[4] > 0 and novelty[1] == novelty[2] == 0
+    # 0.6 of 512 tokens: three slow chunks (3 x 64) and five fast ones (5 x 16 at 30% of the pixels)
+    scales = build_method("slow_fast", MethodContext(GEOM)).plan(sample, 0.6).scales
+    assert scales[0] == scales[6] == scales[8] == 1.0 and scales[2] < 1.0
+
+
+def test_images_get_one_scale_within_budget():
+    img = _image()
+    for method in ("fixed_scale", "oracle", "slow_fast"):
+        r = realise(img, build_method(method, MethodContext(GEOM)).plan(img, 0.25), GEOM)
+        assert r.visual.image is not None and r.tokens / r.reference_tokens <= 0.25
+
+
+def test_realise_rejects_bad_plans():
+    from resadapt.baselines import Plan
+
+    with pytest.raises(ValueError, match="frames must be increasing"):
+        realise(_video(), Plan(scales=np.ones(2), frames=[3, 1]), GEOM)
+    with pytest.raises(ValueError, match="2 frames but 3 scales"):
+        realise(_video(), Plan(scales=np.ones(3), frames=[0, 1]), GEOM)
+    with pytest.raises(ValueError, match="budgeted"):
+        build_method("fixed_scale", MethodContext(GEOM)).plan(_video(), None)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("resadapt_soft", MethodContext(GEOM))
+    with pytest.raises(ValueError, match="need a trained Allocator"):
+        build_method("resadapt_hard", MethodContext(GEOM)).plan(_video(), 0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
+    allocator = Allocator.from_backbone(model, coarse_size=56, dim=32, depth=1, num_heads=2)
+    return model, processor, allocator
+
+
+def test_every_method_runs_and_the_prompt_holds_the_counted_tokens(tiny):
+    """The evaluator raises if the tokens in the prompt differ from the operator's count, so running every
+    input-side method through it checks the accounting; pruning methods report what the LLM received."""
+    model, processor, allocator = tiny
+    geom = VisionGeometry.from_processor(processor)
+    ctx = MethodContext(geom, allocator=allocator, allocator_tokenizer=processor.tokenizer)
+
+    def pruned(method, keep):
+        from resadapt.baselines.token_pruning import PrunedBackend
+
+        return PrunedBackend(model, processor, method, keep, max_new_tokens=3, batch_size=4)
+
+    ev = E.Evaluator(model, processor, ctx, max_new_tokens=3, batch_size=4, pruned_backend=pruned)
+    samples = [_video("a", n=8, size=112), _video("b", n=8, size=112, evidence=(0, 1)), _image("c", 112)]
+    rows = []
+    for method, cls in METHODS.items():
+        for budget in [0.25] if cls.budgeted else [None]:
+            rows += ev.run_cell(E.Cell("main", "detail_qa", 8, method, budget), samples, {"a": 0.1})
+    df = pd.DataFrame(rows)
+    assert set(df.method) == set(METHODS)
+    assert len(df[df.method == "random_drop"]) == 2  # not applicable to the image
+    budgeted = df[df.budget.notna()]
+    assert (budgeted.retention <= 0.25 + 1e-9).all()
+    vanilla = df[df.method == "vanilla"]
+    assert (vanilla.retention == 1.0).all() and (vanilla.visual_tokens == vanilla.reference_tokens).all()
+    tome = df[df.method == "tome"]
+    assert (tome.visual_tokens < tome.reference_tokens).all()
+    alloc = df[df.method == "resadapt_hard"]
+    assert (alloc.seconds.map(lambda t: t["allocator_encode"]) > 0).all()
+    assert all(len(s) == 8 for s in df[df.id == "a"].frame_scales)
+    assert all(set(t) == set(E.TIMING_KEYS) for t in df.seconds)
+
+
+def test_results_log_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "r" / "samples.jsonl"
+    log = E.ResultsLog(path)
+    log.write([{"a": 1}])
+    with pytest.raises(FileExistsError, match="samples.jsonl"):
+        E.ResultsLog(path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(FileNotFoundError, match="evaluate stage"):
+        E.read_results(tmp_path / "missing.jsonl")
+
+
+def _log_rows():
+    def row(method, budget, task, score, retention, grid="main", frames=16, alloc=0.0):
+        seconds = dict.fromkeys(E.TIMING_KEYS, 0.01) | {"allocator_encode": alloc}
+        return {
+            "grid": grid,
+            "task": task,
+            "frames": frames,
+            "method": method,
+            "budget": budget,
+            "id": "x",
+            "score": score,
+            "retention": retention,
+            "visual_tokens": retention * 512,
+            "reference_tokens": 512,
+            "decode_seconds": 0.05,
+            "seconds": seconds,
+            "end_to_end_seconds": sum(seconds.values()),
+        }
+
+    rows = []
+    for s in (1, 1, 1, 0):
+        rows.append(row("vanilla", None, "detail_qa", s, 1.0))
+    for s in (1, 0, 0, 0):
+        rows.append(row("fixed_scale", 0.1, "detail_qa", s, 0.09))
+    for s in (1, 1, 0, 0):
+        rows.append(row("resadapt_hard", 0.1, "detail_qa", s, 0.1))
+    for s in (1, 1, 1, 1):
+        rows.append(row("oracle", 0.1, "detail_qa", s, 0.1))
+    for s in (0.8, 0.4, 0.6, 0.1):
+        rows.append(row("vanilla", None, "grounding", s, 1.0))
+    for f, s in ((8, 0.5), (32, 0.75)):
+        rows.append(row("vanilla", None, "long_video", s, 1.0, "frames", f))
+        rows.append(row("resadapt_hard", 8 / f, "long_video", s, 8 / f, "frames", f, alloc=0.02))
+    return rows
+
+
+def test_tables_and_checks_from_a_known_log(tmp_path):
+    log = E.ResultsLog(tmp_path / "s.jsonl")
+    log.write(_log_rows())
+    df = E.read_results(log.path)
+    qa = E.qa_table(df)
+    assert qa.loc[("vanilla", "own"), "detail_qa"] == 75.0
+    assert qa.loc[("resadapt_hard", "0.1"), "retention_%"] == 10.0
+    g = E.grounding_table(df).loc[("vanilla", "own")]
+    assert (g["R@0.3"], g["R@0.5"], g["R@0.7"], g["mIoU"]) == (75.0, 50.0, 25.0, 47.5)
+    checks = E.frontier_checks(df)["rows"]["resadapt_hard@0.1"]
+    assert checks["accuracy"] == 0.5 and checks["ge_fixed_scale_plus_15_points"]
+    assert not checks["ge_90pct_of_oracle"] and not checks["ge_vanilla_minus_2_points"]
+    frames = E.frames_checks(df, 8)["rows"]["32"]
+    assert frames["relative_gain"] == pytest.approx(0.5) and frames["gain_ge_15pct"]
+    over = E.overhead(df, 32)
+    assert over["allocator_share"] == pytest.approx((0.02 + 0.01 + 0.01) / 0.08)  # encode, predict, budget
+    assert over["speedup_over_vanilla"] == pytest.approx(0.06 / 0.08)
+    lines = E.check_lines(
+        {"frontier_detail_qa": E.frontier_checks(df), "frames_scaling": E.frames_checks(df, 8)}
+    )
+    assert any("90% of the Oracle = 90.0: short by 40.0 points" in line for line in lines)
+    assert any("+50.0% relative (bar +15%: met)" in line for line in lines)
+
+
+def test_stage_cells_cover_both_grids(tmp_path):
+    from resadapt.config import load_params
+
+    params = load_params("params.yaml", require_paths=False)
+    cells = E.stage_cells(params)
+    ev = params.evaluate
+    main = [c for c in cells if c.grid == "main"]
+    unbudgeted = sum(not METHODS[m].budgeted for m in ev.methods)
+    assert len(main) == len(ev.tasks) * (unbudgeted + (len(ev.methods) - unbudgeted) * len(ev.budgets))
+    frames = [c for c in cells if c.grid == "frames"]
+    assert {c.frames for c in frames} == set(ev.frames)
+    for c in frames:
+        assert c.budget is None or c.budget == pytest.approx(min(1.0, ev.frames_reference / c.frames))
