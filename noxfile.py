@@ -3,8 +3,9 @@
 Every session installs the project with the pinned versions of constraints.txt (torch==2.13.0, the CPU build
 that pip finds in its find-links; never torchvision). Venvs live under .nox/ and are reused between runs.
 
-This file is also a small script run by the sessions' own Python (which has PyYAML):
-`python noxfile.py merge-params BASE OVERRIDES OUT` deep-merges a params override file (see `deep_merge`).
+This file is also a small script run by the sessions' own Python (where resadapt is installed):
+`python noxfile.py merge-params BASE OVERRIDES OUT` deep-merges a params override file
+(`resadapt.config.deep_merge`; the same as `resadapt merge-params`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import nox
 
@@ -34,45 +33,6 @@ ENV = {
     # papermill must use the `python3` kernel installed into the session venv, not a user-level one.
     "JUPYTER_PREFER_ENV_PATH": "1",
 }
-
-
-class ParamsMergeError(ValueError):
-    """An override names a key that params.yaml does not have, or changes a mapping into a value."""
-
-
-def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _path: str = "") -> dict[str, Any]:
-    """Return a copy of `base` with `overrides` merged in, recursively.
-
-    Mappings are merged key by key; any other value (scalars, lists) is replaced whole. Every key of
-    `overrides` must already exist in `base`, so a typo in an override file fails instead of being ignored.
-    """
-    merged = dict(base)
-    for key, value in overrides.items():
-        where = f"{_path}.{key}" if _path else str(key)
-        if key not in base:
-            raise ParamsMergeError(f"override key {where!r} does not exist in params.yaml")
-        old = base[key]
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            merged[key] = deep_merge(old, value, where)
-        elif isinstance(old, Mapping) or isinstance(value, Mapping):
-            raise ParamsMergeError(
-                f"override key {where!r}: cannot replace a {type(old).__name__} with a {type(value).__name__}"
-            )
-        else:
-            merged[key] = value
-    return merged
-
-
-def merge_params_files(base: Path, overrides: Path, out: Path) -> None:
-    """Deep-merge YAML file `overrides` over YAML file `base` and write the result to `out`."""
-    import yaml  # only in the session venvs, not necessarily beside nox itself
-
-    base_data = yaml.safe_load(Path(base).read_text()) or {}
-    over_data = yaml.safe_load(Path(overrides).read_text()) or {}
-    if not isinstance(base_data, Mapping) or not isinstance(over_data, Mapping):
-        raise ParamsMergeError(f"{base} and {overrides} must both hold a mapping at the top level")
-    merged = deep_merge(base_data, over_data)
-    Path(out).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=False))
 
 
 nox.options.default_venv_backend = "venv"
@@ -202,11 +162,13 @@ def smoke(session: nox.Session) -> None:
 
 
 if __name__ == "__main__":
-    # Run by the session venv's Python (nox is installed there through the dev extras).
+    # Run by the session venv's Python, where resadapt is installed (the merge lives in resadapt.config).
     if len(sys.argv) == 5 and sys.argv[1] == "merge-params":
+        from resadapt.config import ConfigError, merge_params_files
+
         try:
             merge_params_files(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
-        except ParamsMergeError as err:
-            sys.exit(f"error in {sys.argv[3]}: {err}")
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
     else:
         sys.exit("usage: python noxfile.py merge-params BASE OVERRIDES OUT")

@@ -7,8 +7,9 @@ must never be silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -244,15 +245,45 @@ class AblationParams(_Section):
     checkpoints: str = "checkpoints/ablation"
 
 
+BenchmarkName = Literal[
+    "videomme",
+    "longvideobench",
+    "mlvu",
+    "mvbench",
+    "videommmu",
+    "lvbench",
+    "charades_sta",
+    "activitynet_captions",
+    "nextgqa",
+    "chartqa",
+]
+BENCHMARKS: tuple[str, ...] = get_args(BenchmarkName)
+
+
+class BenchmarkRef(_Section):
+    """A real benchmark read from a local copy in its official layout (resadapt/data/benchmarks.py)."""
+
+    name: BenchmarkName
+    root: str  # the folder holding the official annotation files and media
+    split: str | None = None  # the loader's default split when unset
+    limit: PositiveInt | None = None  # first rows only (overrides samples_per_task for this benchmark)
+
+
 class EvaluateParams(_Section):
-    """Stage evaluate (resadapt/evaluate.py): the main grid and the frames-scaling grid, test split."""
+    """Stage evaluate (resadapt/evaluate.py): the main grid and the frames-scaling grid.
+
+    Sources are the embedded benchmark's `tasks` (test split) and the real `benchmarks`; both grids name a
+    source by its task or benchmark name.
+    """
 
     methods: list[Method] = list(get_args(Method))
-    budgets: list[Budget] = [0.10, 0.25]  # target retentions of the budgeted methods
+    budgets: list[Budget] = [0.10, 0.15, 0.25]  # target retentions of the budgeted methods
     tasks: list[Task] = list(TASKS)
+    benchmarks: list[BenchmarkRef] = []
     samples_per_task: PositiveInt = 60
+    num_frames: list[PositiveInt] | None = None  # frame counts of the main grid (None: data.num_frames)
     frames: list[PositiveInt] = [8, 16, 32, 64]  # frame counts of the frames-scaling grid
-    frames_task: Task = "long_video"
+    frames_task: str = "long_video"  # an embedded task or a configured benchmark's name
     frames_methods: list[Method] = ["vanilla", "fixed_scale", "oracle", "frame_selection", "resadapt_hard"]
     frames_reference: PositiveInt = 8  # equal token budget: what Vanilla feeds with this many frames
     overhead_frames: PositiveInt = 32  # frame count of the Allocator-overhead ratio
@@ -261,25 +292,37 @@ class EvaluateParams(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateParams:
-        for key in ("methods", "frames_methods", "budgets", "frames", "tasks"):
+        for key in ("methods", "frames_methods", "budgets", "frames"):
             values = getattr(self, key)
             if not values:
                 raise ValueError(f"evaluate.{key} must not be empty")
             if len(set(values)) != len(values):
                 raise ValueError(f"evaluate.{key} has duplicates: {values}")
-        if self.frames_reference not in self.frames:
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(
-                f"evaluate.frames_reference ({self.frames_reference}) must be one of evaluate.frames {self.frames}"
+                f"evaluate.tasks / evaluate.benchmarks name a source twice: {self.tasks + names}"
             )
-        if self.overhead_frames not in self.frames:
+        if not self.tasks and not self.benchmarks:
+            raise ValueError("evaluate.tasks and evaluate.benchmarks are both empty: nothing to evaluate")
+        if self.frames_task not in (*TASKS, *names):
             raise ValueError(
-                f"evaluate.overhead_frames ({self.overhead_frames}) must be one of evaluate.frames {self.frames}"
+                f"evaluate.frames_task {self.frames_task!r} is neither an embedded task {list(TASKS)} "
+                f"nor a configured benchmark {names}"
             )
+        for key in ("frames_reference", "overhead_frames"):
+            if getattr(self, key) not in self.frames:
+                raise ValueError(
+                    f"evaluate.{key} ({getattr(self, key)}) must be one of evaluate.frames {self.frames}"
+                )
         if "vanilla" not in self.frames_methods:
             raise ValueError(
                 "evaluate.frames_methods must include 'vanilla' (the equal-token-budget reference)"
             )
         return self
+
+    def main_frames(self, default: int) -> list[int]:
+        return list(self.num_frames) if self.num_frames else [default]
 
 
 class Params(_Section):
@@ -302,7 +345,7 @@ class Params(_Section):
             )
         ev = self.evaluate
         available = self.data.long_num_frames if ev.frames_task == "long_video" else self.data.num_frames
-        if max(ev.frames) > available:
+        if ev.frames_task in TASKS and max(ev.frames) > available:
             raise ValueError(
                 f"evaluate.frames {ev.frames} asks for more frames than the {ev.frames_task} videos have "
                 f"({available}; data.{'long_num_frames' if ev.frames_task == 'long_video' else 'num_frames'})"
@@ -402,3 +445,64 @@ def load_params(path: str | Path = "params.yaml", require_paths: bool = True) ->
                 "with allocator.encoder = 'smolvlm' it must name a local SmolVLM2 folder"
             )
     return params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles: an override file (params-smoke.yaml, params-paper.yaml) deep-merged over params.yaml.
+
+
+class ParamsMergeError(ValueError):
+    """An override names a key that params.yaml does not have, or changes a mapping into a value."""
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _path: str = "") -> dict[str, Any]:
+    """Return a copy of `base` with `overrides` merged in, recursively.
+
+    Mappings are merged key by key; any other value (scalars, lists) is replaced whole. Every key of
+    `overrides` must already exist in `base`, so a typo in an override file fails instead of being ignored.
+    """
+    merged = dict(base)
+    for key, value in overrides.items():
+        where = f"{_path}.{key}" if _path else str(key)
+        if key not in base:
+            raise ParamsMergeError(f"override key {where!r} does not exist in params.yaml")
+        old = base[key]
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            merged[key] = deep_merge(old, value, where)
+        elif isinstance(old, Mapping) or isinstance(value, Mapping):
+            raise ParamsMergeError(
+                f"override key {where!r}: cannot replace a {type(old).__name__} with a {type(value).__name__}"
+            )
+        else:
+            merged[key] = value
+    return merged
+
+
+def _yaml_mapping(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return dict(data)
+
+
+def merged_params_data(base: str | Path, overrides: str | Path) -> dict:
+    """The mapping of `base` with the override file merged in (errors name the override file)."""
+    try:
+        return deep_merge(_yaml_mapping(Path(base)), _yaml_mapping(Path(overrides)))
+    except ParamsMergeError as err:
+        raise ConfigError(f"{overrides}: {err}") from None
+
+
+def merge_params_files(base: str | Path, overrides: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write `base` merged with `overrides` to `out`; an existing `out` other than `base` needs `force`."""
+    out = Path(out)
+    data = merged_params_data(base, overrides)
+    if out.exists() and not force and out.resolve() != Path(base).resolve():
+        raise ConfigError(f"{out} already exists; pass force to overwrite it")
+    out.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    return out

@@ -43,7 +43,6 @@ TIMING_KEYS = (
     "prefill",
     "generate",
 )
-QA_TASKS = ("detail_qa", "multi_frame", "long_video", "image_qa")
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 
 
@@ -183,6 +182,7 @@ class Evaluator:
                 {
                     **asdict(cell),
                     "id": str(row["id"]),
+                    "kind": row["task"],  # how the sample is scored (cell.task names its source)
                     "question": row["question"],
                     "prediction": g.generation.text,
                     "answer": row["answer"],
@@ -271,26 +271,37 @@ def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _sources(part: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(part["task"]))  # in the order the grid ran them
+
+
 def qa_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
-    """Table 1 layout: rows (method, target R), columns the QA tasks (accuracy, %) plus measured retention."""
-    part = _with_labels(df[(df.grid == grid) & df.task.isin(QA_TASKS)])
-    acc = part.pivot_table(index=["method", "R"], columns="task", values="score", aggfunc="mean") * 100
-    acc = acc[[t for t in QA_TASKS if t in acc.columns]]
-    acc.insert(0, "retention_%", part.groupby(["method", "R"])["retention"].mean() * 100)
+    """Table 1 layout: rows (frames, method, target R), columns the QA sources (accuracy, %) plus the mean
+    measured retention over them."""
+    part = _with_labels(df[(df.grid == grid) & (df.kind != "grounding")])
+    if part.empty:
+        return pd.DataFrame()
+    keys = ["frames", "method", "R"]
+    acc = part.pivot_table(index=keys, columns="task", values="score", aggfunc="mean") * 100
+    acc = acc[_sources(part)]
+    acc.insert(0, "retention_%", part.groupby(keys)["retention"].mean() * 100)
     return acc.round(1)
 
 
 def grounding_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
-    """Table 2 layout: rows (method, target R), columns R@0.3/0.5/0.7 and mIoU (%) plus measured retention."""
-    part = _with_labels(df[(df.grid == grid) & (df.task == "grounding")])
+    """Table 2 layout: rows (frames, method, target R), columns (source, R@0.3/0.5/0.7/mIoU %) plus the
+    mean measured retention."""
+    part = _with_labels(df[(df.grid == grid) & (df.kind == "grounding")])
     if part.empty:
         return pd.DataFrame()
-    g = part.groupby(["method", "R"])
-    out = pd.DataFrame({"retention_%": g["retention"].mean() * 100})
-    for t in IOU_THRESHOLDS:
-        out[f"R@{t}"] = g["score"].apply(lambda s, t=t: (s >= t).mean() * 100)
-    out["mIoU"] = g["score"].mean() * 100
-    return out.round(1)
+    keys = ["frames", "method", "R"]
+    cols = {("", "retention_%"): part.groupby(keys)["retention"].mean() * 100}
+    for source in _sources(part):
+        g = part[part.task == source].groupby(keys)["score"]
+        for t in IOU_THRESHOLDS:
+            cols[(source, f"R@{t}")] = g.apply(lambda s, t=t: (s >= t).mean() * 100)
+        cols[(source, "mIoU")] = g.mean() * 100
+    return pd.DataFrame(cols).round(1)
 
 
 def frames_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -318,9 +329,13 @@ def latency_table(df: pd.DataFrame, grid: str = "frames") -> pd.DataFrame:
     return out.round(1)
 
 
-def frontier(df: pd.DataFrame, task: str, grid: str = "main") -> pd.DataFrame:
-    """Accuracy against measured retention per (method, R) on one task (the efficiency-accuracy frontier)."""
-    part = _with_labels(df[(df.grid == grid) & (df.task == task)])
+def frontier(df: pd.DataFrame, task: str, frames: int | None = None, grid: str = "main") -> pd.DataFrame:
+    """Accuracy against measured retention per (method, R) on one source at one frame count (default: the
+    smallest the grid ran), the efficiency-accuracy frontier."""
+    part = df[(df.grid == grid) & (df.task == task)]
+    if part.empty:
+        return pd.DataFrame(columns=["method", "R", "retention", "accuracy", "n"])
+    part = _with_labels(part[part.frames == (frames if frames is not None else part.frames.min())])
     return (
         part.groupby(["method", "R"])
         .agg(retention=("retention", "mean"), accuracy=("score", "mean"), n=("score", "size"))
@@ -418,16 +433,34 @@ ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")
 
 
 def stage_cells(params) -> list[Cell]:
-    """The main grid (every method x budget x task at `data.num_frames`) and the frames-scaling grid
-    (`frames_methods` on `frames_task` at each frame count, budgeted methods at the token budget Vanilla
-    has with `frames_reference` frames: tokens grow linearly with frames, so that is R = reference / F)."""
+    """The main grid (every method x budget x source at each main frame count; unbudgeted methods once)
+    and the frames-scaling grid (`frames_methods` on `frames_task` at each of `frames`, budgeted methods at
+    the token budget Vanilla has with `frames_reference` frames: tokens grow linearly with frames, so that is
+    R = reference / F)."""
     ev = params.evaluate
-    cells = grid_cells("main", ev.tasks, params.data.num_frames, ev.methods, ev.budgets)
+    sources = [*ev.tasks, *(b.name for b in ev.benchmarks)]
+    cells = []
+    for f in ev.main_frames(params.data.num_frames):
+        cells += grid_cells("main", sources, f, ev.methods, ev.budgets)
     for f in ev.frames:
         cells += grid_cells(
             "frames", [ev.frames_task], f, ev.frames_methods, [min(1.0, ev.frames_reference / f)]
         )
     return cells
+
+
+def source_rows(params, source: str) -> tuple[list[dict], Path]:
+    """Rows of an evaluation source and the folder their media paths are relative to: an embedded task's
+    test split, or a configured real benchmark read from its official layout."""
+    from resadapt.data.benchmarks import load_real_benchmark
+    from resadapt.rl_stages import rows as benchmark_rows
+
+    ev = params.evaluate
+    for b in ev.benchmarks:
+        if b.name == source:
+            table = load_real_benchmark(b.name, b.root, b.split, b.limit or ev.samples_per_task)
+            return [dict(r) for r in table], Path(b.root)
+    return benchmark_rows(params, "test", [source], limit=ev.samples_per_task), Path(params.data.root)
 
 
 def stage_context(params, model, processor, methods: Iterable[str]) -> MethodContext:
@@ -467,12 +500,9 @@ def _evaluator(params, model, processor, methods: Iterable[str]) -> Evaluator:
 
 
 def run_group(evaluator: Evaluator, params, cells: list[Cell]) -> list[dict]:
-    """Cells sharing (task, frames): the samples are decoded once and the allocations computed once."""
-    from resadapt.rl_stages import rows as benchmark_rows
-
-    task, frames = cells[0].task, cells[0].frames
-    rows = benchmark_rows(params, "test", [task], limit=params.evaluate.samples_per_task)
-    samples, decode = load_samples(rows, params.data.root, frames)
+    """Cells sharing (source, frames): the samples are decoded once and the allocations computed once."""
+    rows, root = source_rows(params, cells[0].task)
+    samples, decode = load_samples(rows, root, cells[0].frames)
     out = [r for cell in cells for r in evaluator.run_cell(cell, samples, decode)]
     evaluator.context.cache.clear()
     return out
@@ -535,10 +565,10 @@ def stage_metrics(df: pd.DataFrame, params) -> dict:
     ev = params.evaluate
 
     def records(t: pd.DataFrame) -> dict:
-        return {
-            " @ ".join(map(str, k)) if isinstance(k, tuple) else str(k): v
-            for k, v in t.to_dict("index").items()
-        }
+        def name(k) -> str:
+            return " ".join(str(x) for x in k if str(x)) if isinstance(k, tuple) else str(k)
+
+        return {name(k): {name(c): v for c, v in row.items()} for k, row in t.to_dict("index").items()}
 
     return {
         "qa": records(qa_table(df)),

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from resadapt.evaluate import QA_TASKS, TIMING_KEYS, budget_label
+from resadapt.evaluate import TIMING_KEYS, budget_label
 
 METHOD_ORDER = (
     "vanilla",
@@ -37,10 +37,12 @@ def _palette(methods) -> dict:
     return {m: colours[METHOD_ORDER.index(m)] for m in methods if m in METHOD_ORDER}
 
 
-def frontier_plot(df: pd.DataFrame, tasks=None):
-    """Accuracy (grounding: mIoU) against measured retention, one line per method, one panel per task."""
-    main = df[df.grid == "main"].copy()
-    tasks = [t for t in (tasks or [*QA_TASKS, "grounding"]) if t in set(main.task)]
+def frontier_plot(df: pd.DataFrame, tasks=None, frames: int | None = None):
+    """Accuracy (grounding: mIoU) against measured retention, one line per method, one panel per source,
+    at one frame count of the main grid (default: the smallest)."""
+    main = df[df.grid == "main"]
+    main = main[main.frames == (frames if frames is not None else main.frames.min())]
+    tasks = [t for t in (tasks or list(dict.fromkeys(main.task))) if t in set(main.task)]
     pts = (
         main.assign(R=[budget_label(b) for b in main.budget])
         .groupby(["task", "method", "R"])
@@ -65,7 +67,7 @@ def frontier_plot(df: pd.DataFrame, tasks=None):
         ax.set_xscale("log")
         ax.set_title(task)
         ax.set_xlabel("measured retention")
-        ax.set_ylabel("mIoU" if task == "grounding" else "accuracy")
+        ax.set_ylabel("mIoU" if (main[main.task == task].kind == "grounding").all() else "accuracy")
     if axes[0][-1].get_legend() is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.suptitle("Efficiency-accuracy frontier (test split)")
@@ -157,7 +159,9 @@ def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float
         thumb_ax.set_title(f"{s.row['id']}: {s.row['question']} (answer {s.row['answer']})", fontsize=9)
         grid, labels = [], []
         for method, budget in methods:
-            rows = main[(main.id == str(s.row["id"])) & (main.method == method)]
+            rows = main[
+                (main.id == str(s.row["id"])) & (main.method == method) & (main.frames == len(s.frames))
+            ]
             rows = (
                 rows[rows.budget.isna()]
                 if budget is None

@@ -173,6 +173,7 @@ def _log_rows():
             "method": method,
             "budget": budget,
             "id": "x",
+            "kind": "grounding" if task == "grounding" else "short_answer",
             "score": score,
             "retention": retention,
             "visual_tokens": retention * 512,
@@ -204,10 +205,13 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     log.write(_log_rows())
     df = E.read_results(log.path)
     qa = E.qa_table(df)
-    assert qa.loc[("vanilla", "own"), "detail_qa"] == 75.0
-    assert qa.loc[("resadapt_hard", "0.1"), "retention_%"] == 10.0
-    g = E.grounding_table(df).loc[("vanilla", "own")]
+    assert qa.loc[(16, "vanilla", "own"), "detail_qa"] == 75.0
+    assert qa.loc[(16, "resadapt_hard", "0.1"), "retention_%"] == 10.0
+    g = E.grounding_table(df).loc[(16, "vanilla", "own"), "grounding"]
     assert (g["R@0.3"], g["R@0.5"], g["R@0.7"], g["mIoU"]) == (75.0, 50.0, 25.0, 47.5)
+    metrics = E.stage_metrics(df, _params())
+    assert metrics["grounding"]["16 vanilla own"]["grounding mIoU"] == 47.5
+    json.dumps(metrics, default=E.np_default)
     checks = E.frontier_checks(df)["rows"]["resadapt_hard@0.1"]
     assert checks["accuracy"] == 0.5 and checks["ge_fixed_scale_plus_15_points"]
     assert not checks["ge_90pct_of_oracle"] and not checks["ge_vanilla_minus_2_points"]
@@ -223,10 +227,15 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     assert any("+50.0% relative (bar +15%: met)" in line for line in lines)
 
 
-def test_stage_cells_cover_both_grids(tmp_path):
+def _params(**evaluate):
     from resadapt.config import load_params
 
     params = load_params("params.yaml", require_paths=False)
+    return params.model_copy(update={"evaluate": params.evaluate.model_copy(update=evaluate)})
+
+
+def test_stage_cells_cover_both_grids():
+    params = _params()
     cells = E.stage_cells(params)
     ev = params.evaluate
     main = [c for c in cells if c.grid == "main"]
@@ -236,3 +245,27 @@ def test_stage_cells_cover_both_grids(tmp_path):
     assert {c.frames for c in frames} == set(ev.frames)
     for c in frames:
         assert c.budget is None or c.budget == pytest.approx(min(1.0, ev.frames_reference / c.frames))
+
+
+def test_a_real_benchmark_is_a_source_of_both_grids(tmp_path):
+    """A benchmark in its official layout (Charades-STA here, with real tiny videos) feeds the same cells."""
+    from test_benchmarks import charades_sta
+
+    from resadapt.config import BenchmarkRef
+    from resadapt.data.video import write_video
+
+    root = charades_sta(tmp_path / "charades")
+    frames = np.random.default_rng(0).integers(0, 255, (12, 56, 84, 3), dtype=np.uint8)
+    for vid in ("3MSZA", "AO8RW"):
+        write_video(root / "Charades_v1_480" / f"{vid}.mp4", frames, 2.0, overwrite=True)  # over placeholders
+    ref = BenchmarkRef(name="charades_sta", root=str(root))
+    params = _params(tasks=["detail_qa"], benchmarks=[ref], num_frames=[4, 8], frames_task="charades_sta")
+    cells = E.stage_cells(params)
+    assert {(c.task, c.frames) for c in cells if c.grid == "main"} == {
+        (t, f) for t in ("detail_qa", "charades_sta") for f in (4, 8)
+    }
+    assert {c.task for c in cells if c.grid == "frames"} == {"charades_sta"}
+    rows, media_root = E.source_rows(params, "charades_sta")
+    assert media_root == root and [r["task"] for r in rows] == ["grounding", "grounding"]
+    samples, seconds = E.load_samples(rows, media_root, 8)
+    assert samples[0].frames.shape == (8, 56, 84, 3) and set(seconds) == {r["id"] for r in rows}
