@@ -242,13 +242,22 @@ def compare_allocations(
     s_min = float(trainer.allocator.config.s_min)
     s_max = float(trainer.allocator.config.s_max)
     allocs = trainer.validation_allocations(test_rows)
+    raw = _unclipped_allocations(trainer, test_rows)
     mean_ret = float(np.mean([a["retention"] for a in allocs]))
     items, meta = [], []
-    for a in allocs:
+    for a, r in zip(allocs, raw, strict=True):
         sample = trainer._sample_cache[str(a["row"]["id"])]
         for method in methods:
+            # the hard budget ranks chunks by the unclipped scales: clipping at token saturation ties them
             scales = _method_scales(
-                method, a["scales"], sample, geom, operating_retention, mean_ret, s_min, s_max
+                method,
+                r if method == "resadapt_hard" else a["scales"],
+                sample,
+                geom,
+                operating_retention,
+                mean_ret,
+                s_min,
+                s_max,
             )
             visual, tokens, ref = apply_scales(sample, scales, geom)
             items.append({"row": a["row"], "visual": visual})
@@ -257,6 +266,15 @@ def compare_allocations(
             )
     scores = trainer.greedy_scores(items)
     return pd.DataFrame([m | {"score": sc} for m, sc in zip(meta, scores, strict=True)])
+
+
+@torch.no_grad()
+def _unclipped_allocations(trainer: CAPOTrainer, test_rows: list[dict]) -> list[np.ndarray]:
+    """The deterministic (Beta-mean) scales in [s_min, s_max], before the operator's saturation clip."""
+    prompts = [trainer._prompt(r, keep_frames=True) for r in test_rows]
+    feats, q, qm = trainer._allocator_batch(prompts)
+    scales = trainer.allocator.mean_scales(trainer.allocator(feats.tokens, feats.mask, q, qm))
+    return [scales[k, :n].cpu().numpy().astype(np.float64) for k, n in enumerate(feats.num_frames)]
 
 
 def _method_scales(method, scales, sample, geom, operating_retention, mean_ret, s_min, s_max) -> np.ndarray:
