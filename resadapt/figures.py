@@ -134,34 +134,31 @@ def latency_plot(df: pd.DataFrame):
     return fig
 
 
-def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float | None]], geom_tp: int = 2):
-    """For each sample: frame thumbnails (evidence framed in red) above one row of per-frame scales per
-    method (0: frame dropped). `samples` are `calibration.LoadedSample`s of the main grid's frame count."""
+def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float | None]]):
+    """For each sample: its frames (evidence framed in red) above one row of per-frame scales per method
+    (0: frame dropped), column k under frame k. `samples` are `calibration.LoadedSample`s decoded at a
+    frame count of the main grid."""
     main = df[df.grid == "main"]
     n_frames = max(len(s.frames) for s in samples)
     fig, axes = plt.subplots(
         2 * len(samples),
         1,
-        figsize=(min(1.0 * n_frames + 2.5, 20), 2.6 * len(samples)),
-        gridspec_kw={"height_ratios": [1.0, 0.25 * len(methods)] * len(samples)},
+        figsize=(min(0.9 * n_frames + 3.5, 20), (1.2 + 0.28 * len(methods)) * len(samples)),
+        gridspec_kw={"height_ratios": [1.0, 0.3 * len(methods)] * len(samples)},
     )
     for i, s in enumerate(samples):
         thumb_ax, heat_ax = axes[2 * i], axes[2 * i + 1]
-        strip = np.concatenate(list(s.frames), axis=1)
-        thumb_ax.imshow(strip)
-        w = s.frames.shape[2]
+        n = len(s.frames)
+        thumb_ax.imshow(np.concatenate(list(s.frames), axis=1), extent=(0, n, 1, 0), aspect="auto")
         for f, ev in enumerate(s.evidence_mask):
             if ev:
-                thumb_ax.add_patch(
-                    plt.Rectangle((f * w, 0), w - 1, s.frames.shape[1] - 1, fill=False, ec="red", lw=2)
-                )
+                thumb_ax.add_patch(plt.Rectangle((f + 0.02, 0.02), 0.96, 0.96, fill=False, ec="red", lw=2))
+        thumb_ax.set_xlim(0, n_frames)
         thumb_ax.set_axis_off()
         thumb_ax.set_title(f"{s.row['id']}: {s.row['question']} (answer {s.row['answer']})", fontsize=9)
         grid, labels = [], []
         for method, budget in methods:
-            rows = main[
-                (main.id == str(s.row["id"])) & (main.method == method) & (main.frames == len(s.frames))
-            ]
+            rows = main[(main.id == str(s.row["id"])) & (main.method == method) & (main.frames == n)]
             rows = (
                 rows[rows.budget.isna()]
                 if budget is None
@@ -171,22 +168,23 @@ def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float
                 continue
             r = rows.iloc[0]
             grid.append(r.frame_scales)
-            labels.append(
-                f"{method} R={budget_label(budget)}: ret {r.retention:.2f}, {'✓' if r.score >= 1 else '✗'}"
-            )
+            mark = "right" if r.score >= 1 else "wrong"
+            labels.append(f"{method} R={budget_label(budget)} ({100 * r.retention:.0f}%, {mark})")
         sns.heatmap(
             np.array(grid),
             ax=heat_ax,
             vmin=0,
             vmax=1.0,
             cmap="viridis",
-            cbar=i == 0,
+            cbar=False,
             annot=True,
             fmt=".2f",
-            annot_kws={"fontsize": 7},
+            annot_kws={"fontsize": 6},
             yticklabels=labels,
-            xticklabels=list(range(n_frames)),
+            xticklabels=list(range(n)),
         )
+        heat_ax.set_xlim(0, n_frames)
         heat_ax.tick_params(axis="y", rotation=0, labelsize=8)
+    fig.suptitle("Per-frame scale by method (0 = dropped; evidence frames framed in red)")
     fig.tight_layout()
     return fig
