@@ -185,6 +185,11 @@ class AllocatorParams(_Section):
     relevance_init: float = 1.0  # initial trust in the parameter-free relevance prior (0: none)
     path: str = "models/allocator"  # the train stage's output
 
+    def model_kwargs(self) -> dict:
+        """The `AllocatorConfig` keyword arguments these params set (the encoder comes from elsewhere)."""
+        keys = ("coarse_size", "dim", "depth", "num_heads", "s_min", "s_max", "beta_max", "relevance_init")
+        return {k: getattr(self, k) for k in keys}
+
     @model_validator(mode="after")
     def _ordered(self) -> AllocatorParams:
         if self.s_min >= self.s_max:

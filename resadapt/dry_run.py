@@ -70,18 +70,8 @@ def check_allocator(params: Params) -> str:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json (a local SmolVLM2 checkpoint folder is needed)")
     source = transformers.AutoConfig.from_pretrained(path)
-    config = AllocatorConfig(
-        encoder_type="smolvlm",
-        encoder_config=source.to_dict(),
-        coarse_size=a.coarse_size,
-        query_source="hidden_states",
-        dim=a.dim,
-        depth=a.depth,
-        num_heads=a.num_heads,
-        s_min=a.s_min,
-        s_max=a.s_max,
-        beta_max=a.beta_max,
-    )
+    kwargs = a.model_kwargs() | {"query_source": "hidden_states"}  # as Allocator.from_smolvlm builds it
+    config = AllocatorConfig(encoder_type="smolvlm", encoder_config=source.to_dict(), **kwargs)
     n = _meta_parameters(lambda: Allocator(config))
     transformers.AutoTokenizer.from_pretrained(path)
     return f"{path}: {source.model_type} encoder, Allocator {n / 1e6:.1f} M parameters, {_weight_files(path)}"

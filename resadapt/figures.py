@@ -16,20 +16,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from resadapt.config import METHODS
 from resadapt.evaluate import TIMING_KEYS, budget_label
 
-METHOD_ORDER = (
-    "vanilla",
-    "fixed_scale",
-    "random_drop",
-    "tome",
-    "visionzip",
-    "slow_fast",
-    "frame_selection",
-    "oracle",
-    "resadapt",
-    "resadapt_hard",
-)
+METHOD_ORDER = METHODS  # config.Method order: baselines first, ResAdapt last
 
 
 def _palette(methods) -> dict:

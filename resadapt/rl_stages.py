@@ -42,16 +42,7 @@ def build_allocator(params: Params, backbone) -> Allocator:
     """A fresh Allocator over the configured frozen encoder (initial policy: `AllocatorConfig` defaults plus
     `allocator.relevance_init` trust in the relevance prior)."""
     a = params.allocator
-    kwargs = dict(
-        coarse_size=a.coarse_size,
-        dim=a.dim,
-        depth=a.depth,
-        num_heads=a.num_heads,
-        s_min=a.s_min,
-        s_max=a.s_max,
-        beta_max=a.beta_max,
-        relevance_init=a.relevance_init,
-    )
+    kwargs = a.model_kwargs()
     if a.encoder == "backbone":
         return Allocator.from_backbone(backbone, **kwargs)
     import transformers
