@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -407,17 +406,6 @@ def frames_checks(df: pd.DataFrame, reference_frames: int, method: str = "resada
                 "gain_ge_15pct": bool(gain >= 0.15),
             }
     return out
-
-
-def threads_note() -> str:
-    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-
-
-def summary_rows(df: pd.DataFrame) -> list[dict]:
-    """Compact (grid, task, frames, method, R) -> accuracy / retention rows for DVC metrics."""
-    g = _with_labels(df).groupby(["grid", "task", "frames", "method", "R"])
-    out = g.agg(score=("score", "mean"), retention=("retention", "mean"), n=("score", "size")).reset_index()
-    return out.to_dict("records")
 
 
 def np_default(o):

@@ -19,6 +19,7 @@ and decoding continues from the original prompt's largest position + 1 (Qwen's `
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -258,7 +259,8 @@ class PrunedBackend:
         )
 
     def keep_count(self, n: int) -> int:
-        return max(1, round(self.keep_ratio * n))
+        # floor, so the tokens fed never exceed the target retention (rounding 0.15 x 64 up gave 0.156)
+        return max(1, math.floor(self.keep_ratio * n + 1e-9))
 
     def _encode(self, pixels: Tensor, grid: Tensor, modality: int) -> list[tuple[Tensor, Tensor]]:
         """Run the vision tower on one modality and reduce every item; (features, kept indices) per item."""
