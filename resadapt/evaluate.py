@@ -14,6 +14,7 @@ over its samples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -137,12 +138,14 @@ class Evaluator:
     max_new_tokens: int = 12
     batch_size: int = 16
     pruned_backend: Any = None
+    backend: Any = None  # the input-side methods' generation backend (default: transformers)
     _methods: dict[str, Method] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.backend = TimedTransformersBackend(
-            self.model, self.processor, self.max_new_tokens, self.batch_size
-        )
+        if self.backend is None:
+            self.backend = TimedTransformersBackend(
+                self.model, self.processor, self.max_new_tokens, self.batch_size
+            )
 
     def method(self, name: str) -> Method:
         if name not in self._methods:
@@ -180,6 +183,7 @@ class Evaluator:
             rows.append(
                 {
                     **asdict(cell),
+                    "backend": backend.name,
                     "id": str(row["id"]),
                     "kind": row["task"],  # how the sample is scored (cell.task names its source)
                     "question": row["question"],
@@ -475,7 +479,14 @@ def stage_context(params, model, processor, methods: Iterable[str]) -> MethodCon
     return context
 
 
-def _evaluator(params, model, processor, methods: Iterable[str]) -> Evaluator:
+def _evaluator(
+    params, model, processor, methods: Iterable[str], server: tuple[str, str] | None = None
+) -> Evaluator:
+    """The stage's Evaluator; with `server` (url, model name) the input-side methods generate on vLLM.
+
+    Token-pruning methods always run on transformers: they change the LLM's input after the vision encoder,
+    which an unmodified inference engine does not expose.
+    """
     context = stage_context(params, model, processor, methods)
     gen = params.backbone.generation
 
@@ -484,7 +495,12 @@ def _evaluator(params, model, processor, methods: Iterable[str]) -> Evaluator:
 
         return PrunedBackend(model, processor, method, keep_ratio, gen.max_new_tokens, gen.batch_size)
 
-    return Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned)
+    backend = None
+    if server is not None:
+        from resadapt.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend(server[0], server[1], processor, gen.max_new_tokens, gen.batch_size)
+    return Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned, backend)
 
 
 def run_group(evaluator: Evaluator, params, cells: list[Cell]) -> list[dict]:
@@ -499,13 +515,14 @@ def run_group(evaluator: Evaluator, params, cells: list[Cell]) -> list[dict]:
 _WORKER: dict = {}
 
 
-def _init_worker(params) -> None:
+def _init_worker(params, server: tuple[str, str] | None) -> None:
     from resadapt.pipeline import load_stage_backbone
 
     torch.set_num_threads(1)
     model, processor = load_stage_backbone(params)
     _WORKER["params"] = params
-    _WORKER["evaluator"] = _evaluator(params, model, processor, [c.method for c in stage_cells(params)])
+    methods = [c.method for c in stage_cells(params)]
+    _WORKER["evaluator"] = _evaluator(params, model, processor, methods, server)
 
 
 def _run_in_worker(job: tuple[int, list[Cell]]) -> tuple[int, list[dict]]:
@@ -520,9 +537,44 @@ def run_stage(
 
     With `workers` > 1 the (task, frames) groups go to that many spawned processes (one thread each, the
     backbone loaded from the backbone stage's output), largest first; results do not depend on the split.
+    With `evaluate.backend: vllm` a vLLM server is started for the run and stopped after it, also on error.
     """
     cells = stage_cells(params)
     log = ResultsLog(results_path, overwrite)
+    with contextlib.ExitStack() as stack:
+        server = None
+        if params.evaluate.backend == "vllm":
+            srv = stack.enter_context(vllm_server(params))
+            server = (srv.url, srv.model_name)
+        results = _run_cells(params, model, processor, cells, workers, server)
+    for i in sorted(results):
+        log.write(results[i])
+    return read_results(log.path)
+
+
+def vllm_server(params):
+    """The (not yet started) vLLM server for the backbone stage's model: the tiny model folder, or the
+    checkpoint its pointer file names (paper profile)."""
+    from resadapt.pipeline import POINTER
+    from resadapt.vllm_backend import VLLMServer
+
+    folder = Path(params.backbone.path)
+    if (folder / POINTER).exists():
+        folder = Path(json.loads((folder / POINTER).read_text())["checkpoint"])
+    v = params.evaluate.vllm
+    return VLLMServer(
+        folder,
+        v.run_dir,
+        venv=v.venv,
+        startup_timeout=v.startup_timeout_s,
+        dtype=v.dtype,
+        kv_cache_gib=v.kv_cache_gib,
+        threads=v.threads,
+        seed=params.seed,
+    )
+
+
+def _run_cells(params, model, processor, cells, workers, server) -> dict[int, list[dict]]:
     groups: dict[tuple[str, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.task, c.frames), []).append(c)
@@ -530,7 +582,7 @@ def run_stage(
     results: dict[int, list[dict]] = {}
     bar = tqdm(total=len(cells), desc="evaluate", mininterval=5)
     if workers <= 1:
-        evaluator = _evaluator(params, model, processor, {c.method for c in cells})
+        evaluator = _evaluator(params, model, processor, {c.method for c in cells}, server)
         for i, group in jobs:
             results[i] = run_group(evaluator, params, group)
             bar.update(len(group))
@@ -538,14 +590,12 @@ def run_stage(
         import multiprocessing as mp
 
         jobs.sort(key=lambda j: -len(j[1]) * j[1][0].frames)
-        with mp.get_context("spawn").Pool(workers, _init_worker, (params,)) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (params, server)) as pool:
             for i, out in pool.imap_unordered(_run_in_worker, jobs):
                 results[i] = out
                 bar.update(len(groups[list(groups)[i]]))
     bar.close()
-    for i in sorted(results):
-        log.write(results[i])
-    return read_results(log.path)
+    return results
 
 
 def stage_metrics(df: pd.DataFrame, params) -> dict:
