@@ -1,5 +1,5 @@
 """Task runner: `nox -l` lists sessions; `nox -s tests`, `nox -s repro`, `nox -s smoke`, `nox -s lint`,
-`nox -s vllm_env`, `nox -s vllm`.
+`nox -s vllm_env`, `nox -s vllm`, `nox -s vllm_evaluate`.
 
 Every session installs the project with the pinned versions of constraints.txt (torch==2.13.0, the CPU build
 that pip finds in its find-links; never torchvision). Venvs live under .nox/ and are reused between runs.
@@ -181,6 +181,49 @@ def vllm(session: nox.Session) -> None:
         session.error("no vLLM environment at .venvs/vllm: run `nox -s vllm_env` first")
     session.run("pytest", "-q", "-m", "vllm", "tests/test_vllm_backend.py", *session.posargs)
     session.run("python", str(ROOT / "scripts" / "bench_vllm.py"))
+
+
+@nox.session(name="vllm_evaluate", python=PYTHON, venv_backend="venv")
+def vllm_evaluate(session: nox.Session) -> None:
+    """Run the evaluate stage's notebook with `evaluate.backend: vllm` into outputs/vllm-evaluate/ and compare
+    its log with the pipeline's own (results/evaluate): the same tables within the engines' disagreement."""
+    install(session)
+    install_kernel(session)
+    out = ROOT / "outputs" / "vllm-evaluate"
+    if out.exists():
+        session.error(f"{out} exists: remove it first (it holds the previous comparison)")
+    out.mkdir(parents=True)
+    overrides = out / "overrides.yaml"
+    overrides.write_text(f"evaluate:\n  backend: vllm\n  results: {out / 'results'}\n")
+    params = out / "params.yaml"
+    session.run("resadapt", "merge-params", "params.yaml", str(overrides), str(params))
+    session.run(
+        "papermill",
+        "notebooks/evaluate.ipynb",
+        str(out / "evaluate.ipynb"),
+        "-p",
+        "params_file",
+        str(params),
+        "-p",
+        "metrics_file",
+        str(out / "metrics.json"),
+        "-p",
+        "plots_dir",
+        str(out / "plots"),
+        "--log-output",
+        "--no-progress-bar",
+    )
+    session.run(
+        "python",
+        "-c",
+        "import json, sys; from resadapt.evaluate import read_results, compare_results; "
+        "c = compare_results(read_results(sys.argv[1]), read_results(sys.argv[2])); "
+        "open(sys.argv[3], 'w').write(json.dumps(c, indent=2)); "
+        "print(json.dumps({k: v for k, v in c.items() if k != 'differing'}, indent=2))",
+        "results/evaluate/samples.jsonl",
+        str(out / "results" / "samples.jsonl"),
+        str(out / "comparison.json"),
+    )
 
 
 if __name__ == "__main__":

@@ -657,3 +657,27 @@ def check_lines(metrics: dict) -> list[str]:
                 f"end to end; Vanilla {o['vanilla_end_to_end_ms']:.0f} ms; speed-up {o['speedup_over_vanilla']:.2f}x"
             )
     return lines
+
+
+def compare_results(reference: pd.DataFrame, other: pd.DataFrame) -> dict:
+    """Two logs of the same grid (e.g. transformers vs vLLM): prediction agreement, token accounting and
+    the largest difference in any table cell (points)."""
+    key = ["grid", "task", "frames", "method", "budget", "id"]
+    a = reference.assign(budget=reference.budget.fillna(-1.0))
+    b = other.assign(budget=other.budget.fillna(-1.0))
+    m = a.merge(b, on=key, suffixes=("_a", "_b"))
+    if len(m) != len(a) or len(m) != len(b):
+        raise ValueError(f"the logs do not hold the same samples ({len(a)} vs {len(b)}, {len(m)} in common)")
+    same = m.prediction_a == m.prediction_b
+    tables = {"qa": qa_table, "grounding": grounding_table, "frames": frames_table}
+    return {
+        "samples": len(m),
+        "identical_predictions": float(same.mean()),
+        "differing": m.loc[~same, key + ["prediction_a", "prediction_b"]].to_dict("records"),
+        "visual_tokens_equal": float((m.visual_tokens_a == m.visual_tokens_b).mean()),
+        "prompt_tokens_equal": float((m.prompt_tokens_a == m.prompt_tokens_b).mean()),
+        "max_table_difference": {
+            k: float((fn(reference) - fn(other)).abs().max().max()) if not fn(reference).empty else 0.0
+            for k, fn in tables.items()
+        },
+    }

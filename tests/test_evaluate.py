@@ -269,3 +269,22 @@ def test_a_real_benchmark_is_a_source_of_both_grids(tmp_path):
     assert media_root == root and [r["task"] for r in rows] == ["grounding", "grounding"]
     samples, seconds = E.load_samples(rows, media_root, 8)
     assert samples[0].frames.shape == (8, 56, 84, 3) and set(seconds) == {r["id"] for r in rows}
+
+
+def test_compare_results_finds_the_differing_samples(tmp_path):
+    rows = _log_rows()
+    for i, r in enumerate(rows):
+        r |= {"id": f"x{i}", "prediction": "7", "prompt_tokens": 100}
+    other = [dict(r) for r in rows]
+    other[0] = other[0] | {"prediction": "3", "score": 0}  # a vanilla detail-QA row: 75% -> 50%
+    logs = []
+    for name, data in (("a", rows), ("b", other)):
+        log = E.ResultsLog(tmp_path / f"{name}.jsonl")
+        log.write(data)
+        logs.append(E.read_results(log.path))
+    c = E.compare_results(*logs)
+    assert c["samples"] == len(rows) and c["identical_predictions"] == pytest.approx(1 - 1 / len(rows))
+    assert [d["prediction_b"] for d in c["differing"]] == ["3"]
+    assert c["max_table_difference"]["qa"] == 25.0 and c["visual_tokens_equal"] == 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        E.compare_results(logs[0], logs[1].iloc[1:])
