@@ -406,8 +406,8 @@ class VLLMServer:
             raise FileNotFoundError(f"model folder {self.model} does not exist")
         if not self.python.exists():
             raise VLLMServerError(
-                f"no vLLM environment at {self.python.parent.parent}: run scripts/vllm_env.sh "
-                f"(or point ${VENV_ENV_VAR} at one)"
+                f"no vLLM environment at {self.python.parent.parent}: create it with `nox -s vllm_env` "
+                f"(scripts/vllm_env.sh), or point evaluate.vllm.venv or ${VENV_ENV_VAR} at one"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stale = kill_stale(self.run_dir)
