@@ -462,7 +462,6 @@ def stage_context(params, model, processor, methods: Iterable[str]) -> MethodCon
     context = MethodContext(
         geometry=VisionGeometry.from_processor(processor),
         s_min=params.budget.s_min,
-        s_max=params.budget.s_max,
         seed=params.seed,
     )
     if set(methods) & set(ALLOCATOR_METHODS):

@@ -178,3 +178,26 @@ def heatmap_plot(df: pd.DataFrame, samples: list, methods: list[tuple[str, float
     fig.suptitle("Per-frame scale by method (0 = dropped; evidence frames framed in red)")
     fig.tight_layout()
     return fig
+
+
+HEATMAP_METHODS = ("resadapt", "resadapt_hard", "frame_selection", "slow_fast", "fixed_scale", "oracle")
+
+
+def heatmap_selection(params, per_task: int = 2):
+    """The heatmap's inputs: the first test videos of detail QA and multi-frame reasoning (decoded at the main
+    grid's frame count) and (method, R) rows at the largest budget <= 15%, the operating point of the issue's
+    bars (else the smallest budget); unbudgeted methods at their own retention."""
+    from resadapt.calibration import load_sample
+    from resadapt.rl_stages import rows
+
+    ev = params.evaluate
+    tasks = [t for t in ("detail_qa", "multi_frame") if t in ev.tasks]
+    samples = [
+        load_sample(r, params.data.root, params.data.num_frames)
+        for t in tasks
+        for r in rows(params, "test", [t], limit=per_task)
+    ]
+    budgets = sorted(ev.budgets)
+    budget = max([b for b in budgets if b <= 0.15] or budgets[:1])
+    shown = [(m, None if m == "resadapt" else budget) for m in HEATMAP_METHODS if m in ev.methods]
+    return samples, shown

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from resadapt.allocator import clip_to_saturation, hard_budget_scales
-from resadapt.baselines.base import Method, MethodContext, Plan, frame_size
+from resadapt.baselines.base import BatchedMethod, MethodContext, Plan, frame_size
 from resadapt.calibration import LoadedSample
 
 _BATCH = 16
@@ -64,7 +64,7 @@ def deterministic_allocations(context: MethodContext, samples: list[LoadedSample
     return [context.cache[_key(s)] for s in samples]
 
 
-class ResAdapt(Method):
+class ResAdapt(BatchedMethod):
     """The trained Allocator's deterministic (Beta-mean) allocation, at whatever retention it chooses."""
 
     name = "resadapt"
@@ -76,11 +76,8 @@ class ResAdapt(Method):
             for a in deterministic_allocations(self.context, samples)
         ]
 
-    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
-        return self.plan_batch([sample], budget)[0]
 
-
-class ResAdaptHard(Method):
+class ResAdaptHard(BatchedMethod):
     """The deterministic allocation rescaled to the target retention (`allocator.hard_budget_scales`)."""
 
     name = "resadapt_hard"
@@ -105,6 +102,3 @@ class ResAdaptHard(Method):
                 Plan(scales=scales, timings=a.timings | {"allocator_budget": time.perf_counter() - t0})
             )
         return plans
-
-    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
-        return self.plan_batch([sample], budget)[0]

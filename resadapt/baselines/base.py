@@ -27,7 +27,7 @@ from resadapt.budget import (
     uniform_scale_for_retention,
     video_tokens,
 )
-from resadapt.calibration import LoadedSample, chunk_evidence
+from resadapt.calibration import LoadedSample
 
 
 @dataclass
@@ -58,11 +58,10 @@ class Realised:
 
 @dataclass
 class MethodContext:
-    """What methods may use: token geometry, the action range, a seed and (for ResAdapt) the Allocator."""
+    """What methods may use: token geometry, the smallest scale, a seed and (for ResAdapt) the Allocator."""
 
     geometry: VisionGeometry
     s_min: float = 0.125
-    s_max: float = 1.0
     seed: int = 0
     allocator: Any = None  # resadapt.allocator.Allocator
     allocator_tokenizer: Any = None
@@ -96,6 +95,16 @@ class Method(ABC):
             raise ValueError(f"method {self.name!r} is budgeted: give a target retention")
         if budget is not None and not 0.0 < float(budget) <= 1.0:
             raise ValueError(f"method {self.name!r}: target retention must be in (0, 1], got {budget!r}")
+
+
+class BatchedMethod(Method):
+    """A method that decides for a whole batch at once (it runs a model); one sample is a batch of one."""
+
+    @abstractmethod
+    def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]: ...
+
+    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
+        return self.plan_batch([sample], budget)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,10 +165,6 @@ def keep_chunks(
 
     s = largest_scale(tokens, limit, h, w, top)
     return Plan(scales=np.full(len(frames), s if s is not None else 1.0 / max(h, w)), frames=frames)
-
-
-def evidence_chunks(sample: LoadedSample, geom: VisionGeometry) -> np.ndarray:
-    return chunk_evidence(sample, geom.temporal_patch_size)
 
 
 def realise(sample: LoadedSample, plan: Plan, geom: VisionGeometry) -> Realised:

@@ -14,14 +14,13 @@ import numpy as np
 from resadapt.baselines.base import (
     Method,
     Plan,
-    evidence_chunks,
     frame_size,
     image_scale_for_retention,
     largest_scale,
     video_scale_for_retention,
 )
 from resadapt.budget import video_tokens
-from resadapt.calibration import LoadedSample
+from resadapt.calibration import LoadedSample, chunk_evidence
 
 
 class Vanilla(Method):
@@ -67,7 +66,7 @@ class Oracle(Method):
         tp = geom.temporal_patch_size
         n = len(sample.frames)
         h, w = frame_size(sample)
-        evidence = evidence_chunks(sample, geom)
+        evidence = chunk_evidence(sample, geom.temporal_patch_size)
         sizes = [min(tp, n - c * tp) for c in range(len(evidence))]
         limit = math.floor(budget * video_tokens(n, h, w, geom))
         s_min = self.context.s_min

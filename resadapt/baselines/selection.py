@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from resadapt.baselines.base import (
+    BatchedMethod,
     Method,
     Plan,
     frame_size,
@@ -41,7 +42,7 @@ class RandomDrop(Method):
         return keep_chunks(sample, sorted(int(c) for c in chosen), budget, self.geometry)
 
 
-class FrameSelection(Method):
+class FrameSelection(BatchedMethod):
     """Keep the chunks the trained Allocator scores highest (its deterministic chunk scales), drop the rest."""
 
     name = "frame_selection"
@@ -68,6 +69,3 @@ class FrameSelection(Method):
             plan.timings = dict(alloc.timings)
             plans.append(plan)
         return plans
-
-    def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
-        return self.plan_batch([sample], budget)[0]
