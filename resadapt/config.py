@@ -32,6 +32,7 @@ TASKS: tuple[str, ...] = get_args(Task)
 METHODS: tuple[str, ...] = get_args(Method)
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 Budget = Annotated[float, Field(gt=0.0, le=1.0)]
+Backend = Literal["transformers", "vllm"]  # generation engine: transformers in-process, or a vLLM server
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
@@ -235,6 +236,18 @@ class RLParams(_Section):
     eval_steps: PositiveInt = 25
     save_steps: PositiveInt = 50
     val_samples: PositiveInt = 60
+    backend: Backend = (
+        "transformers"  # engine of rollouts and validation answers (vllm: frozen backbone only)
+    )
+
+    @model_validator(mode="after")
+    def _engine(self) -> RLParams:
+        if self.backend == "vllm" and self.joint_training:
+            raise ValueError(
+                "train.backend 'vllm' needs train.joint_training false: the server holds fixed weights "
+                "(joint training generates with the backbone being trained)"
+            )
+        return self
 
 
 class TrainParams(RLParams):
@@ -277,7 +290,8 @@ class BenchmarkRef(_Section):
 
 
 class VLLMParams(_Section):
-    """The vLLM server the evaluate stage starts with `evaluate.backend: vllm` (resadapt/vllm_backend.py)."""
+    """The vLLM server a stage starts when its backend is vllm (`train.backend`, `evaluate.backend`;
+    resadapt/vllm_backend.py)."""
 
     venv: str | None = None  # its separate environment (null: $RESADAPT_VLLM_VENV, else .venvs/vllm)
     run_dir: str = "outputs/vllm"  # server log, pid file and the vLLM view of the model
@@ -306,8 +320,7 @@ class EvaluateParams(_Section):
     frames_reference: PositiveInt = 8  # equal token budget: what Vanilla feeds with this many frames
     overhead_frames: PositiveInt = 32  # frame count of the Allocator-overhead ratio
     results: str = "results/evaluate"  # stage output: the per-sample JSONL log
-    backend: Literal["transformers", "vllm"] = "transformers"  # generation engine of the input-side methods
-    vllm: VLLMParams = VLLMParams()
+    backend: Backend = "transformers"  # generation engine of the input-side methods
     workers: PositiveInt = 2  # evaluation processes (one thread each)
 
     @model_validator(mode="after")
@@ -354,6 +367,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     ablation: AblationParams = AblationParams()
     evaluate: EvaluateParams = EvaluateParams()
+    vllm: VLLMParams = VLLMParams()
 
     @model_validator(mode="after")
     def _cross(self) -> Params:

@@ -538,39 +538,19 @@ def run_stage(
     backbone loaded from the backbone stage's output), largest first; results do not depend on the split.
     With `evaluate.backend: vllm` a vLLM server is started for the run and stopped after it, also on error.
     """
+    from resadapt.vllm_backend import server_from_params
+
     cells = stage_cells(params)
     log = ResultsLog(results_path, overwrite)
     with contextlib.ExitStack() as stack:
         server = None
         if params.evaluate.backend == "vllm":
-            srv = stack.enter_context(vllm_server(params))
+            srv = stack.enter_context(server_from_params(params))
             server = (srv.url, srv.model_name)
         results = _run_cells(params, model, processor, cells, workers, server)
     for i in sorted(results):
         log.write(results[i])
     return read_results(log.path)
-
-
-def vllm_server(params):
-    """The (not yet started) vLLM server for the backbone stage's model: the tiny model folder, or the
-    checkpoint its pointer file names (paper profile)."""
-    from resadapt.pipeline import POINTER
-    from resadapt.vllm_backend import VLLMServer
-
-    folder = Path(params.backbone.path)
-    if (folder / POINTER).exists():
-        folder = Path(json.loads((folder / POINTER).read_text())["checkpoint"])
-    v = params.evaluate.vllm
-    return VLLMServer(
-        folder,
-        v.run_dir,
-        venv=v.venv,
-        startup_timeout=v.startup_timeout_s,
-        dtype=v.dtype,
-        kv_cache_gib=v.kv_cache_gib,
-        threads=v.threads,
-        seed=params.seed,
-    )
 
 
 def _run_cells(params, model, processor, cells, workers, server) -> dict[int, list[dict]]:

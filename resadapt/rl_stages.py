@@ -8,8 +8,10 @@ must find its checkpoints). Another configuration gets another folder, so a stal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def fingerprint(params: Params, rl: RLParams, objective: str, max_steps: int) ->
         "tables": files(Path(params.data.root) / "tables"),
         "code": {
             name: hashlib.sha256((Path(__file__).parent / name).read_bytes()).hexdigest()
-            for name in _RUN_CODE
+            for name in _RUN_CODE + (("vllm_backend.py",) if rl.backend == "vllm" else ())
         },
     }
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -149,6 +151,7 @@ def make_trainer(
     objective: str | None = None,
     max_steps: int | None = None,
     allocator: Allocator | None = None,
+    rollout_engine=None,
     **overrides,
 ) -> CAPOTrainer:
     """A CAPOTrainer over the train split (rl.tasks) with the val split as validation rows."""
@@ -165,7 +168,32 @@ def make_trainer(
         processing_class=processor,
         media_root=params.data.root,
         allocator_tokenizer=allocator_tokenizer(params, processor),
+        rollout_engine=rollout_engine,
     )
+
+
+@contextlib.contextmanager
+def rollout_engine(params: Params, rl: RLParams, processor):
+    """The engine of `rl`'s rollouts: None (the trainer generates with the backbone) or, with
+    `backend: vllm`, a `VLLMBackend` on a server of `params.vllm` that lives as long as the block (one per
+    process under `accelerate launch`)."""
+    if rl.backend == "transformers":
+        yield None
+        return
+    from resadapt.vllm_backend import VLLMBackend, server_from_params
+
+    run_dir = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank its own run dir: pid files must not clash
+        run_dir = Path(params.vllm.run_dir) / f"rank{os.environ.get('RANK', '0')}"
+    with server_from_params(params, run_dir) as server:
+        print(f"vLLM server up in {server.startup_seconds:.1f} s at {server.url}", flush=True)
+        yield VLLMBackend(
+            server.url,
+            server.model_name,
+            processor,
+            max_new_tokens=rl.max_completion_length,
+            batch_size=rl.prompts_per_step * rl.allocations_per_prompt,
+        )
 
 
 def run(
@@ -176,8 +204,13 @@ def run(
     checkpoints: str | Path,
     objective: str | None = None,
     max_steps: int | None = None,
+    engine=None,
 ) -> CAPOTrainer:
-    """Train (or resume, if this exact run left checkpoints) and return the trainer."""
+    """Train (or resume, if this exact run left checkpoints) and return the trainer.
+
+    With `rl.backend: vllm` the rollouts go to `engine` (one from `rollout_engine`), or to a server started
+    for this call and stopped after it; the returned trainer then answers with the backbone itself.
+    """
     objective = objective or rl.objective
     steps = max_steps or rl.max_steps
     run_dir = Path(checkpoints) / f"{objective}-{fingerprint(params, rl, objective, steps)}"
@@ -191,7 +224,14 @@ def run(
         return trainer
     if last:
         print(f"resuming from {last}", flush=True)
-    trainer.train(resume_from_checkpoint=last)
+    with contextlib.ExitStack() as stack:
+        if engine is None:
+            engine = stack.enter_context(rollout_engine(params, rl, processor))
+        trainer.rollout_engine = engine
+        try:
+            trainer.train(resume_from_checkpoint=last)
+        finally:
+            trainer.rollout_engine = None
     return trainer
 
 
@@ -417,21 +457,29 @@ def ablation_runs(params: Params, model, processor) -> tuple[pd.DataFrame, dict]
     )
     test_rows = rows(params, "test", ["detail_qa"], limit=params.ablation.test_samples)
     vals, finals = [], {}
-    for objective in params.ablation.objectives:
-        t0 = time.time()
-        trainer = run(
-            params, rl, model, processor, params.ablation.checkpoints, objective, params.ablation.max_steps
-        )
-        _, val = log_frames(trainer)
-        vals.append(val.assign(objective=objective))
-        scores = compare_allocations(trainer, test_rows, 1.0, methods=("resadapt",))
-        finals[objective] = {
-            "accuracy": float(scores.score.mean()),
-            "retention": float(scores.retention.mean()),
-            "final_val_mean_scale": float(val.eval_mean_scale.iloc[-1]),
-            "seconds_this_session": round(time.time() - t0, 1),
-        }
-        print(objective, finals[objective], flush=True)
+    with rollout_engine(params, rl, processor) as engine:  # one vLLM server for every run
+        for objective in params.ablation.objectives:
+            t0 = time.time()
+            trainer = run(
+                params,
+                rl,
+                model,
+                processor,
+                params.ablation.checkpoints,
+                objective,
+                params.ablation.max_steps,
+                engine,
+            )
+            _, val = log_frames(trainer)
+            vals.append(val.assign(objective=objective))
+            scores = compare_allocations(trainer, test_rows, 1.0, methods=("resadapt",))
+            finals[objective] = {
+                "accuracy": float(scores.score.mean()),
+                "retention": float(scores.retention.mean()),
+                "final_val_mean_scale": float(val.eval_mean_scale.iloc[-1]),
+                "seconds_this_session": round(time.time() - t0, 1),
+            }
+            print(objective, finals[objective], flush=True)
     return pd.concat(vals, ignore_index=True), finals
 
 

@@ -13,6 +13,14 @@ rewards give two advantages:
 What TRL 1.16 does not do for us (NOTES.md): it drops video features from the loss forward, so the visual
 inputs of every rollout are carried per row and fed to every log-prob forward (`_get_per_token_logps_and_entropies`),
 and generation suppresses the video pad token too.
+
+Rollouts run on the backbone itself (transformers `generate`) or, with a frozen backbone, on a rollout engine:
+an object with `sample(visuals, questions, samplings, max_new_tokens) -> list[Rollouts]`, in practice a
+`resadapt.vllm_backend.VLLMBackend` on a running vLLM server. The weights never change then, so one server
+serves every rollout; each allocation is one request carrying its own resized frames and a seed derived
+from (seed, step, row), so rollouts do not depend on the server's state. TRL's own vLLM integration
+(`use_vllm`) does not apply: it sends dataset images only (`multi_modal_data={"image": ...}`), never the
+per-allocation video items, and its weight sync for joint training is an NCCL (CUDA) communicator.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from resadapt.backbone import build_inputs
 from resadapt.budget import VisionGeometry
 from resadapt.calibration import LoadedSample, apply_scales, load_sample
 from resadapt.rewards import score
+from resadapt.vllm_backend import Sampling
 
 OBJECTIVES = ("capo", "no_cost", "lagrangian")
 # Keys of the backbone inputs that hold one sample's visual features (flat patch rows or per-item grids).
@@ -115,7 +124,8 @@ class CAPOTrainerConfig(GRPOConfig):
             )
         if self.use_vllm:
             raise ValueError(
-                "CAPOTrainerConfig.use_vllm: per-allocation video inputs need the vLLM backend of issue 5"
+                "CAPOTrainerConfig.use_vllm: TRL's vLLM generation never sends the per-allocation video "
+                "items; pass CAPOTrainer(rollout_engine=resadapt.vllm_backend.VLLMBackend(...)) instead"
             )
         capo.CAPOConfig(**{**self.capo, "s_min": 0.1, "s_max": 1.0})  # validate the keys early
 
@@ -202,9 +212,21 @@ class CAPOTrainer(GRPOTrainer):
         eval_dataset=None,
         allocator_tokenizer=None,
         callbacks=None,
+        rollout_engine=None,
     ):
         if not isinstance(args, CAPOTrainerConfig):
             raise TypeError(f"args must be a CAPOTrainerConfig, got {type(args).__name__}")
+        if rollout_engine is not None:
+            if args.joint_training:
+                raise ValueError(
+                    "CAPOTrainer(rollout_engine=...) needs a frozen backbone (joint_training=False): the "
+                    "engine serves fixed weights and would sample from a stale backbone after one update"
+                )
+            if args.repetition_penalty != 1.0 or args.min_p is not None:
+                raise ValueError(
+                    "CAPOTrainerConfig.repetition_penalty / min_p are not passed to the rollout engine: "
+                    "leave them at 1.0 / None"
+                )
         cfg = model.config
         # A sampled visual pad token would have no features in the loss forward: suppress both kinds.
         suppress = [t for t in (cfg.video_token_id, cfg.image_token_id) if t is not None]
@@ -250,6 +272,7 @@ class CAPOTrainer(GRPOTrainer):
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
         self._sample_cache: dict[str, LoadedSample] = {}
         self._loss_visuals: list[dict] | None = None
+        self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order
 
     def _prepare_frozen_backbone(self) -> None:
@@ -351,25 +374,27 @@ class CAPOTrainer(GRPOTrainer):
         batch = build_inputs(self.processing_class, visuals, questions).to(device)
         t_operator = time.perf_counter() - t0 - t_alloc
 
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped,
-            torch.no_grad(),
-        ):
-            seq = unwrapped.generate(
-                **batch, generation_config=self.generation_config, num_return_sequences=N
-            )
+        if self.rollout_engine is None:
+            with (
+                unwrap_model_for_generation(
+                    self.model_wrapped,
+                    self.accelerator,
+                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                    generation_kwargs=self.generation_kwargs,
+                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                ) as unwrapped,
+                torch.no_grad(),
+            ):
+                seq = unwrapped.generate(
+                    **batch, generation_config=self.generation_config, num_return_sequences=N
+                )
+            completion_ids = seq[:, batch["input_ids"].shape[1] :]
+        else:
+            completion_ids = self._engine_rollouts(batch, visuals, questions, N)
         t_generate = time.perf_counter() - t0 - t_alloc - t_operator
 
-        prompt_len = batch["input_ids"].shape[1]
         prompt_ids = batch["input_ids"].repeat_interleave(N, dim=0)
         prompt_mask = batch["attention_mask"].repeat_interleave(N, dim=0)
-        completion_ids = seq[:, prompt_len:]
         is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
         eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
         eos_idx[is_eos.any(1)] = is_eos.int().argmax(1)[is_eos.any(1)]
@@ -459,6 +484,52 @@ class CAPOTrainer(GRPOTrainer):
         metrics["time/operator"].append(t_operator)
         metrics["time/generate"].append(t_generate)
         return output
+
+    def _engine_sample(self, batch, visuals, questions, samplings: list[Sampling]) -> list[list[int]]:
+        """Completion token ids from the rollout engine, `samplings[k].n` per prompt k, prompt-major.
+
+        The engine must answer the prompt the loss forward sees: its prompt token ids are checked against the
+        processor's for every request.
+        """
+        results = self.rollout_engine.sample(
+            visuals, questions, samplings, max_new_tokens=self.max_completion_length
+        )
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        for k, r in enumerate(results):
+            expected = ids[k][mask[k]].tolist()
+            if r.prompt_token_ids != expected:
+                raise RuntimeError(
+                    f"the rollout engine's prompt {k} ({len(r.prompt_token_ids)} tokens) differs from the "
+                    f"processor's ({len(expected)} tokens): it would answer another input than the loss sees"
+                )
+        return [c for r in results for c in r.completion_token_ids]
+
+    def _engine_rollouts(self, batch, visuals, questions, n: int) -> torch.Tensor:
+        """(P*M*n, L) completion ids sampled by the rollout engine, right-padded, allocation-major.
+
+        Each request's seed is a function of (seed, step, process, allocation): a resumed run draws the same
+        rollouts as an uninterrupted one, whatever the server did before.
+        """
+        a = self.args
+        base = a.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index * 1_009
+        samplings = [
+            Sampling(
+                n=n,
+                temperature=a.temperature,
+                top_p=a.top_p,
+                top_k=a.top_k or None,
+                seed=(base + k) % 2**31,
+                suppress_token_ids=tuple(self.generation_kwargs["suppress_tokens"]),
+            )
+            for k in range(len(visuals))
+        ]
+        rows = self._engine_sample(batch, visuals, questions, samplings)
+        out = torch.full(
+            (len(rows), max([1, *map(len, rows)])), self._tokenizer.pad_token_id, dtype=torch.long
+        )
+        for i, c in enumerate(rows):
+            out[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        return out.to(self.accelerator.device)
 
     def _operator_scales(self, sample: LoadedSample, scales: np.ndarray) -> np.ndarray:
         """What the budget operator gets: video scales clipped at token saturation (`clip_to_saturation`)."""
@@ -682,23 +753,29 @@ class CAPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def greedy_scores(self, allocs: list[dict], batch_size: int = 16) -> list[float]:
-        """Greedy answer scores of {"row", "visual"} items with the (unwrapped) backbone."""
+        """Greedy answer scores of {"row", "visual"} items with the (unwrapped) backbone or the rollout engine."""
         scores = []
         model = self.accelerator.unwrap_model(self.model)
         tok = self._tokenizer
+        suppress = self.generation_kwargs["suppress_tokens"]
         for i in range(0, len(allocs), batch_size):
             part = allocs[i : i + batch_size]
-            batch = build_inputs(
-                self.processing_class, [a["visual"] for a in part], [a["row"]["question"] for a in part]
-            ).to(self.accelerator.device)
-            seq = model.generate(
-                **batch,
-                max_new_tokens=self.max_completion_length,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                suppress_tokens=self.generation_kwargs["suppress_tokens"],
-            )
-            texts = tok.batch_decode(seq[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            visuals = [a["visual"] for a in part]
+            questions = [a["row"]["question"] for a in part]
+            batch = build_inputs(self.processing_class, visuals, questions).to(self.accelerator.device)
+            if self.rollout_engine is None:
+                seq = model.generate(
+                    **batch,
+                    max_new_tokens=self.max_completion_length,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    suppress_tokens=suppress,
+                )
+                completions = seq[:, batch["input_ids"].shape[1] :]
+            else:
+                greedy = Sampling(suppress_token_ids=tuple(suppress))
+                completions = self._engine_sample(batch, visuals, questions, [greedy] * len(part))
+            texts = tok.batch_decode(completions, skip_special_tokens=True)
             for a, t in zip(part, texts, strict=True):
                 r = a["row"]
                 scores.append(score(r["task"], t, r["answer"], r["options"], r["answer_span"]))

@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,7 +407,7 @@ class VLLMServer:
         if not self.python.exists():
             raise VLLMServerError(
                 f"no vLLM environment at {self.python.parent.parent}: create it with `nox -s vllm_env` "
-                f"(scripts/vllm_env.sh), or point evaluate.vllm.venv or ${VENV_ENV_VAR} at one"
+                f"(scripts/vllm_env.sh), or point the params key vllm.venv or ${VENV_ENV_VAR} at one"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stale = kill_stale(self.run_dir)
@@ -505,6 +505,27 @@ class VLLMServer:
         self.close()
 
 
+def server_from_params(params, run_dir: str | Path | None = None) -> VLLMServer:
+    """The (not yet started) server of `params.vllm` for the backbone stage's model: the tiny model folder, or
+    the checkpoint its pointer file names (paper profile). `run_dir` overrides `vllm.run_dir`."""
+    from resadapt.pipeline import POINTER
+
+    folder = Path(params.backbone.path)
+    if (folder / POINTER).exists():
+        folder = Path(json.loads((folder / POINTER).read_text())["checkpoint"])
+    v = params.vllm
+    return VLLMServer(
+        folder,
+        run_dir or v.run_dir,
+        venv=v.venv,
+        startup_timeout=v.startup_timeout_s,
+        dtype=v.dtype,
+        kv_cache_gib=v.kv_cache_gib,
+        threads=v.threads,
+        seed=params.seed,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Requests.
 
@@ -578,6 +599,31 @@ def chat_messages(
     return out
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of a rollout request (greedy when `temperature` is 0).
+
+    `seed` makes the request's draws reproducible on any server; `suppress_token_ids` get a logit bias of
+    -100 (the API's floor), which keeps them out of any sample in practice.
+    """
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    suppress_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"Sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"Sampling.temperature must be >= 0, got {self.temperature}")
+
+
+GREEDY = Sampling()
+
+
 def request_body(
     visual: VisualInput,
     question: str,
@@ -585,18 +631,25 @@ def request_body(
     max_new_tokens: int = 12,
     question_first: bool = False,
     image_format: str = "BMP",
+    sampling: Sampling = GREEDY,
 ) -> dict:
-    """A greedy chat-completion request that also asks for the prompt's token ids."""
+    """A chat-completion request (greedy by default) that also asks for prompt and completion token ids."""
     body: dict[str, Any] = {
         "model": model_name,
         "messages": chat_messages(visual, question, question_first, image_format),
         "max_tokens": max_new_tokens,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "n": 1,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "n": sampling.n,
         "skip_special_tokens": True,
         "return_token_ids": True,
     }
+    if sampling.top_k:
+        body["top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.suppress_token_ids:
+        body["logit_bias"] = {str(t): -100 for t in sampling.suppress_token_ids}
     if visual.chunks:
         body["media_io_kwargs"] = video_media_kwargs(visual)
     return body
@@ -640,6 +693,29 @@ def parse_response(
     return ParsedResponse(text.strip(), prompt_tokens, visual, ids, choice.get("token_ids"))
 
 
+@dataclass
+class Rollouts:
+    """The `n` sampled completions of one prompt, as token ids (ending in EOS when they stopped on it)."""
+
+    prompt_token_ids: list[int]
+    completion_token_ids: list[list[int]]
+
+
+def parse_rollouts(response: dict, n: int) -> Rollouts:
+    if "error" in response or not response.get("choices"):
+        raise VLLMServerError(f"vLLM answered with an error: {json.dumps(response)[:2000]}")
+    choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+    ids = response.get("prompt_token_ids")
+    if ids is None or any(c.get("token_ids") is None for c in choices):
+        raise VLLMServerError(
+            "the response carries no prompt/completion token ids: the server does not support "
+            "return_token_ids (vLLM >= 0.10.2 does)"
+        )
+    if len(choices) != n:
+        raise VLLMServerError(f"asked for {n} completions, the server returned {len(choices)}")
+    return Rollouts(list(ids), [list(c["token_ids"]) for c in choices])
+
+
 def post_json(url: str, body: dict, timeout: float = 600.0) -> dict:
     data = json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -654,7 +730,8 @@ def post_json(url: str, body: dict, timeout: float = 600.0) -> dict:
 
 
 class VLLMBackend:
-    """Greedy generation on a running vLLM server, with the interface of `TransformersBackend`.
+    """Generation on a running vLLM server: greedy with the interface of `TransformersBackend` (`generate`),
+    and sampled rollouts as token ids (`sample`).
 
     `batch_size` requests are in flight at once (a thread pool; the server batches them itself).
     `Generation.seconds` is the wall time of that group divided by its size, as for transformers.
@@ -672,6 +749,7 @@ class VLLMBackend:
         question_first: bool = False,
         timeout: float = 600.0,
         image_format: str = "BMP",
+        suppress_token_ids: Sequence[int] = (),
     ):
         if image_format not in _MIME:
             raise ValueError(f"image_format must be one of {sorted(_MIME)} (lossless), got {image_format!r}")
@@ -683,6 +761,7 @@ class VLLMBackend:
         self.question_first = question_first
         self.timeout = timeout
         self.image_format = image_format
+        self.suppress_token_ids = tuple(suppress_token_ids)
         tok = processor.tokenizer
         self.visual_ids = {
             tok.convert_tokens_to_ids("<|video_pad|>"),
@@ -697,8 +776,16 @@ class VLLMBackend:
         return len(ids) - sum(t in self.visual_ids for t in ids)
 
     def body(self, visual: VisualInput, question: str) -> dict:
+        """The greedy request of one sample."""
+        sampling = Sampling(suppress_token_ids=self.suppress_token_ids)
         return request_body(
-            visual, question, self.model_name, self.max_new_tokens, self.question_first, self.image_format
+            visual,
+            question,
+            self.model_name,
+            self.max_new_tokens,
+            self.question_first,
+            self.image_format,
+            sampling,
         )
 
     def _post(self, visual: VisualInput, question: str, body: dict) -> ParsedResponse:
@@ -733,6 +820,42 @@ class VLLMBackend:
 
     def generate(self, visuals: Sequence[VisualInput], questions: Sequence[str]) -> list[Generation]:
         return [t.generation for t in self.generate_timed(visuals, questions)]
+
+    def sample(
+        self,
+        visuals: Sequence[VisualInput],
+        questions: Sequence[str],
+        samplings: Sequence[Sampling],
+        max_new_tokens: int | None = None,
+    ) -> list[Rollouts]:
+        """`samplings[i].n` completions of prompt i (the rollouts of `resadapt.trainer.CAPOTrainer`).
+
+        Each prompt is one request carrying its own visual input, so every allocation reaches the server
+        as it is; `suppress_token_ids` of this backend are added to every request's.
+        """
+        if not len(visuals) == len(questions) == len(samplings):
+            raise ValueError(
+                f"{len(visuals)} visual inputs, {len(questions)} questions, {len(samplings)} samplings"
+            )
+        limit = max_new_tokens or self.max_new_tokens
+
+        def one(args) -> Rollouts:
+            visual, question, sampling = args
+            suppress = tuple(dict.fromkeys(self.suppress_token_ids + sampling.suppress_token_ids))
+            body = request_body(
+                visual,
+                question,
+                self.model_name,
+                limit,
+                self.question_first,
+                self.image_format,
+                replace(sampling, suppress_token_ids=suppress),
+            )
+            response = post_json(self.server_url + "/v1/chat/completions", body, self.timeout)
+            return parse_rollouts(response, sampling.n)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.batch_size)) as pool:
+            return list(pool.map(one, zip(visuals, questions, samplings, strict=True)))
 
 
 def agreement(reference: Sequence[Generation], other: Sequence[Generation]) -> dict:

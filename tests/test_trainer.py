@@ -40,7 +40,7 @@ def _rows(root, split="train", tasks=("detail_qa", "image_qa")):
     return [dict(r) | {"prompt": r["question"]} for r in load_benchmark(root)[split] if r["task"] in tasks]
 
 
-def _trainer(root, out, seed=0, joint=False, max_steps=2, callbacks=None, **kw):
+def _trainer(root, out, seed=0, joint=False, max_steps=2, callbacks=None, engine=None, **kw):
     torch.manual_seed(0)
     model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
     allocator = Allocator.from_backbone(model, **ALLOCATOR)
@@ -74,6 +74,7 @@ def _trainer(root, out, seed=0, joint=False, max_steps=2, callbacks=None, **kw):
         processing_class=processor,
         media_root=root,
         callbacks=callbacks,
+        rollout_engine=engine,
     )
 
 
@@ -175,6 +176,100 @@ def _trl_logps(trainer, model, ids, mask, keep):
 
     with torch.no_grad():
         return GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, mask, keep)
+
+
+class ScriptedEngine:
+    """A rollout engine that records its requests and answers from a script: the prompt ids the processor
+    builds for the request's own visual input (`prompt_shift` corrupts them), then the answer digit for even
+    allocations and a wrong digit for odd ones, each followed by EOS (and pad after EOS on the last one)."""
+
+    def __init__(self, processor, answers: dict[str, str], prompt_shift: int = 0):
+        self.processor, self.answers, self.prompt_shift = processor, answers, prompt_shift
+        self.requests = []
+
+    def sample(self, visuals, questions, samplings, max_new_tokens=None):
+        from resadapt.vllm_backend import Rollouts
+
+        tok = self.processor.tokenizer
+        out = []
+        for k, (v, q, s) in enumerate(zip(visuals, questions, samplings, strict=True)):
+            self.requests.append((v, q, s, max_new_tokens))
+            ids = build_inputs(self.processor, [v], [q])["input_ids"][0].tolist()
+            right = self.answers.get(q, "0")
+            answer = right if k % 2 == 0 else str((int(right) + 1) % 10)
+            digit = tok(answer, add_special_tokens=False)["input_ids"]
+            completions = [digit + [tok.eos_token_id]] * s.n
+            if s.n > 1:
+                completions[-1] = digit + [tok.eos_token_id, tok.pad_token_id]
+            out.append(Rollouts(ids[self.prompt_shift :], completions))
+        return out
+
+
+def test_rollout_engine_gets_every_allocation_and_its_answers_are_scored(bench, tmp_path):
+    rows = [r for r in _rows(bench) if r["task"] == "detail_qa"][:1]
+    probe = _trainer(bench, tmp_path / "probe")
+    engine = ScriptedEngine(probe.processing_class, {rows[0]["question"]: rows[0]["answer"]})
+    trainer = _trainer(bench, tmp_path, temperature=0.7, engine=engine)
+    trainer.state.global_step = 5
+    out = trainer._generate_and_score_completions([rows[0]] * 4)  # M=2 allocations x N=2 rollouts
+
+    assert len(engine.requests) == 2  # one request per allocation, N completions each
+    sample = load_sample(rows[0], bench, rows[0]["num_frames"])
+    cfg = trainer.allocator.config
+    video_id = trainer.model.config.video_token_id
+    for k, (visual, question, sampling, limit) in enumerate(engine.requests):
+        assert question == rows[0]["question"] and limit == 3
+        assert sampling.n == 2 and sampling.temperature == 0.7 and video_id in sampling.suppress_token_ids
+        u = out["alloc_u"][2 * k][out["alloc_mask"][2 * k]].numpy()
+        scales = clip_to_saturation(
+            cfg.s_min + u * (cfg.s_max - cfg.s_min), 112, 112, trainer.geometry, cfg.s_max
+        )
+        expected, _, _ = apply_scales(sample, scales, trainer.geometry)
+        assert len(visual.chunks) == len(expected.chunks)
+        assert all(
+            a.shape == b.shape and (a == b).all() for a, b in zip(visual.chunks, expected.chunks, strict=True)
+        )
+    seeds = [r[2].seed for r in engine.requests]
+    assert len(set(seeds)) == 2
+
+    tok = trainer.processing_class.tokenizer
+    texts = tok.batch_decode(
+        [c[m.bool()] for c, m in zip(out["completion_ids"], out["completion_mask"], strict=True)],
+        skip_special_tokens=True,
+    )
+    wrong = str((int(rows[0]["answer"]) + 1) % 10)
+    assert texts == [rows[0]["answer"]] * 2 + [wrong] * 2
+    assert out["completion_mask"].sum(1).tolist() == [2, 2, 2, 2]  # the pad after EOS is masked
+    assert trainer._metrics["train"]["alloc/accuracy"][-1] == 0.5
+    assert out["alloc_adv"][0] > out["alloc_adv"][2]  # the correct allocation is the better one
+
+    # the same step draws the same seeds (a resumed run asks for the same rollouts); the next step others
+    trainer._generate_and_score_completions([rows[0]] * 4)
+    trainer.state.global_step = 6
+    trainer._generate_and_score_completions([rows[0]] * 4)
+    assert [r[2].seed for r in engine.requests[2:4]] == seeds
+    assert not set(r[2].seed for r in engine.requests[4:]) & set(seeds)
+
+    # validation answers go through the engine too (greedy)
+    before = len(engine.requests)
+    trainer.evaluate()
+    greedy = engine.requests[before:]
+    assert greedy and all(r[2].temperature == 0.0 and r[2].n == 1 for r in greedy)
+
+
+def test_rollout_engine_with_another_prompt_or_joint_training_is_refused(bench, tmp_path):
+    rows = [r for r in _rows(bench) if r["task"] == "detail_qa"][:1]
+    probe = _trainer(bench, tmp_path / "probe")
+    answers = {rows[0]["question"]: rows[0]["answer"]}
+    shifted = ScriptedEngine(probe.processing_class, answers, prompt_shift=1)
+    trainer = _trainer(bench, tmp_path / "a", engine=shifted)
+    with pytest.raises(RuntimeError, match="differs from the processor's"):
+        trainer._generate_and_score_completions([rows[0]] * 4)
+    engine = ScriptedEngine(probe.processing_class, answers)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        _trainer(bench, tmp_path / "b", joint=True, engine=engine)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _trainer(bench, tmp_path / "c", engine=engine, repetition_penalty=1.1)
 
 
 def test_frozen_backbone_trains_only_the_allocator(bench, tmp_path):

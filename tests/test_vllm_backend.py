@@ -38,6 +38,8 @@ from resadapt.backbone import (
 )
 from resadapt.vllm_backend import (
     PID_FILE,
+    Rollouts,
+    Sampling,
     VLLMBackend,
     VLLMServer,
     VLLMServerError,
@@ -49,6 +51,7 @@ from resadapt.vllm_backend import (
     is_vllm_process,
     kill_stale,
     parse_response,
+    parse_rollouts,
     prepare_model_dir,
     request_body,
     vllm_env_exists,
@@ -132,6 +135,40 @@ def test_request_is_greedy_and_carries_the_chunk_metadata():
     json.dumps(body)  # serialisable as it is
 
 
+def test_sampling_request_carries_n_seed_and_suppression():
+    visual = _image(np.random.default_rng(1))
+    sampling = Sampling(n=3, temperature=0.7, top_p=0.9, top_k=5, seed=11, suppress_token_ids=(12, 13))
+    body = request_body(visual, "Q?", "served", max_new_tokens=2, sampling=sampling)
+    assert (body["n"], body["temperature"], body["top_p"], body["top_k"], body["seed"]) == (
+        3,
+        0.7,
+        0.9,
+        5,
+        11,
+    )
+    assert body["logit_bias"] == {"12": -100, "13": -100} and body["max_tokens"] == 2
+    greedy = request_body(visual, "Q?", "served")
+    assert not {"seed", "top_k", "logit_bias"} & set(greedy)
+    with pytest.raises(ValueError, match="Sampling.n"):
+        Sampling(n=0)
+    with pytest.raises(ValueError, match="Sampling.temperature"):
+        Sampling(temperature=-1.0)
+
+
+def test_parse_rollouts_orders_choices_and_fails_loudly():
+    resp = {
+        "prompt_token_ids": [1, 2, 3],
+        "choices": [{"index": 1, "token_ids": [31, 2]}, {"index": 0, "token_ids": [30]}],
+    }
+    assert parse_rollouts(resp, 2) == Rollouts([1, 2, 3], [[30], [31, 2]])
+    with pytest.raises(VLLMServerError, match="asked for 3"):
+        parse_rollouts(resp, 3)
+    with pytest.raises(VLLMServerError, match="return_token_ids"):
+        parse_rollouts({"choices": resp["choices"]}, 2)
+    with pytest.raises(VLLMServerError, match="error"):
+        parse_rollouts({"error": {"message": "bad"}}, 1)
+
+
 def _render_like_vllm(processor, messages) -> str:
     """vLLM's 'openai' content format: media parts become {'type': 'video'|'image'} for the chat template."""
     kinds = {"video_url": "video", "image_url": "image"}
@@ -205,6 +242,7 @@ class _ChatServer:
     def __init__(self, processor, with_ids: bool = True, delay: float = 0.05):
         self.processor, self.with_ids, self.delay = processor, with_ids, delay
         self.received: list[tuple[VisualInput, str]] = []
+        self.bodies: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         outer = self
@@ -248,13 +286,14 @@ class _ChatServer:
         question = texts[-1]
         with self.lock:
             self.received.append((visual, question))
+            self.bodies.append(body)
         ids = build_inputs(self.processor, [visual], [question])["input_ids"][0].tolist()
-        out = {
-            "choices": [{"message": {"content": f" {len(chunks)} "}}],
-            "usage": {"prompt_tokens": len(ids)},
-        }
+        choices = [{"index": i, "message": {"content": f" {len(chunks)} "}} for i in range(body["n"])]
+        out = {"choices": choices, "usage": {"prompt_tokens": len(ids)}}
         if self.with_ids:
             out["prompt_token_ids"] = ids
+            for c in choices:
+                c["token_ids"] = [30 + c["index"] + body.get("seed", 0), 2]
         return out
 
     def close(self):
@@ -291,6 +330,28 @@ def test_backend_round_trip_concurrent_and_timed(tiny, with_ids):
         assert got.chunk_times == pytest.approx(visual.chunk_times)
         assert (got.image is None) == (visual.image is None)
     assert [g.text for g in gens] == ["3", "3"]
+
+
+def test_backend_samples_rollouts_per_request(tiny):
+    _, processor = tiny
+    rng = np.random.default_rng(6)
+    visuals = [_video(rng, [(56, 56), (28, 28)], frames=(2, 2)) for _ in range(3)]
+    questions = [f"question {i}?" for i in range(3)]
+    samplings = [Sampling(n=2, temperature=1.0, seed=10 * i, suppress_token_ids=(5,)) for i in range(3)]
+    server = _ChatServer(processor)
+    try:
+        backend = VLLMBackend(server.url, "m", processor, max_new_tokens=9, suppress_token_ids=(12, 5))
+        out = backend.sample(visuals, questions, samplings, max_new_tokens=2)
+        with pytest.raises(ValueError, match="samplings"):
+            backend.sample(visuals, questions, samplings[:2])
+    finally:
+        server.close()
+    for i, (visual, question, r) in enumerate(zip(visuals, questions, out, strict=True)):
+        assert r.prompt_token_ids == build_inputs(processor, [visual], [question])["input_ids"][0].tolist()
+        assert r.completion_token_ids == [[30 + 10 * i, 2], [31 + 10 * i, 2]]  # in order, per its own seed
+    for body in server.bodies:
+        assert body["n"] == 2 and body["max_tokens"] == 2 and body["temperature"] == 1.0
+        assert body["logit_bias"] == {"12": -100, "5": -100}  # the backend's and the request's, once each
 
 
 def test_backend_reports_http_errors(tiny):
@@ -765,3 +826,102 @@ def test_live_lifecycle_processes_and_broken_model(live_server, tmp_path):
     print(f"\nbroken model rejected after {time.perf_counter() - t0:.1f} s")
     assert "Error" in str(err.value)
     assert not (tmp_path / "run" / PID_FILE).exists()
+
+
+@pytest.mark.vllm
+@live
+def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
+    """CAPOTrainer rollouts on the server with a frozen backbone: every allocation's prompt is the
+    processor's (the trainer checks each), the tokens vLLM samples have the log-probabilities the trainer's
+    own forward gives them on that allocation's inputs, a step's rollouts are reproducible, validation
+    answers agree with transformers, and two steps train the Allocator."""
+    from resadapt import rl_stages
+    from resadapt.config import load_params
+    from resadapt.vllm_backend import post_json
+
+    model, processor = trained
+    params = load_params(ROOT / "params.yaml")  # data.root is relative: run from the repository root
+    rl = params.train.model_copy(
+        update=dict(max_steps=2, prompts_per_step=1, allocations_per_prompt=4, rollouts_per_allocation=2)
+        | dict(eval_steps=100, save_steps=100, val_samples=8, backend="vllm")
+    )
+    backend = VLLMBackend(live_server.url, live_server.model_name, processor, max_new_tokens=2)
+    trainer = rl_stages.make_trainer(params, rl, model, processor, tmp_path, rollout_engine=backend)
+    row = rl_stages.rows(params, "train", ["detail_qa"], limit=1)[0] | {"prompt": "?"}
+    torch.manual_seed(0)
+    a = trainer._generate_and_score_completions([row] * 8)
+    torch.manual_seed(0)
+    b = trainer._generate_and_score_completions([row] * 8)
+    assert torch.equal(a["completion_ids"], b["completion_ids"]), "a step's rollouts are not reproducible"
+    assert torch.equal(a["alloc_u"], b["alloc_u"])
+
+    # vLLM's sampling distribution is the trainer's: log-probs of vLLM-sampled tokens, both engines
+    ids = torch.cat([a["prompt_ids"], a["completion_ids"]], 1)
+    mask = torch.cat([a["prompt_mask"], a["completion_mask"]], 1)
+    keep = a["completion_ids"].shape[1]
+    ours, _, _ = trainer._get_per_token_logps_and_entropies(
+        model, ids, mask, keep, visuals=a["visuals"], mm_token_type_ids=a["mm_token_type_ids"]
+    )
+    gaps = []
+    for k, visual in enumerate(trainer_visuals(trainer, row, a)):
+        body = backend.body(visual, row["question"]) | {
+            "temperature": 1.0,
+            "seed": 1000 + k,
+            "max_tokens": 2,
+            "logprobs": True,
+            "return_tokens_as_token_ids": True,
+        }
+        choice = post_json(live_server.url + "/v1/chat/completions", body)["choices"][0]
+        sampled = choice["token_ids"]
+        theirs = [t["logprob"] for t in choice["logprobs"]["content"]]
+        full = torch.cat([a["prompt_ids"][2 * k][a["prompt_mask"][2 * k].bool()], torch.tensor(sampled)])
+        with torch.no_grad():
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(
+                model,
+                full[None],
+                torch.ones_like(full)[None],
+                len(sampled),
+                visuals=[a["visuals"][2 * k]],
+                mm_token_type_ids=torch.cat(
+                    [
+                        a["mm_token_type_ids"][2 * k][: a["prompt_ids"].shape[1]][
+                            a["prompt_mask"][2 * k].bool()
+                        ],
+                        torch.zeros(len(sampled), dtype=torch.long),
+                    ]
+                )[None],
+            )
+        gaps.append(max(abs(float(x) - y) for x, y in zip(lp[0], theirs, strict=True)))
+    print(f"\nmax |log p(vLLM sample) - trainer forward| per allocation: {[f'{g:.1e}' for g in gaps]}")
+    assert max(gaps) < 1e-3
+    assert torch.isfinite(ours[a["completion_mask"].bool()]).all()
+
+    # validation answers: the server and the backbone agree
+    allocs = trainer.validation_allocations(rl_stages.rows(params, "val", ["detail_qa"], limit=16))
+    on_vllm = trainer.greedy_scores(allocs)
+    trainer.rollout_engine = None
+    on_transformers = trainer.greedy_scores(allocs)
+    assert np.mean(np.equal(on_vllm, on_transformers)) >= 0.95
+
+    trainer.rollout_engine = backend
+    before = {k: v.clone() for k, v in trainer.allocator.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.allocator.state_dict().items())
+    assert trainer.state.global_step == 2 and "reward" in trainer.state.log_history[0]
+
+
+def trainer_visuals(trainer, row, out):
+    """The resized inputs of each allocation of `out` (one prompt), rebuilt with the public operator."""
+    from resadapt.allocator import clip_to_saturation
+    from resadapt.calibration import apply_scales, load_sample
+
+    cfg = trainer.allocator.config
+    sample = load_sample(row, trainer.media_root, row["num_frames"])
+    h, w = sample.frames.shape[1:3]
+    N = trainer.args.rollouts_per_allocation
+    for i in range(0, len(out["alloc_u"]), N):
+        u = out["alloc_u"][i][out["alloc_mask"][i]].numpy()
+        scales = clip_to_saturation(
+            cfg.s_min + u * (cfg.s_max - cfg.s_min), h, w, trainer.geometry, cfg.s_max
+        )
+        yield apply_scales(sample, scales, trainer.geometry)[0]
