@@ -1,5 +1,5 @@
 """Task runner: `nox -l` lists sessions; `nox -s tests`, `nox -s repro`, `nox -s smoke`, `nox -s lint`,
-`nox -s vllm_env`, `nox -s vllm`, `nox -s vllm_evaluate`.
+`nox -s vllm_env`, `nox -s vllm`, `nox -s vllm_evaluate`, `nox -s vllm_train`.
 
 Every session installs the project with the pinned versions of constraints.txt (torch==2.13.0, the CPU build
 that pip finds in its find-links; never torchvision). Venvs live under .nox/ and are reused between runs.
@@ -183,24 +183,22 @@ def vllm(session: nox.Session) -> None:
     session.run("python", str(ROOT / "scripts" / "bench_vllm.py"))
 
 
-@nox.session(name="vllm_evaluate", python=PYTHON, venv_backend="venv")
-def vllm_evaluate(session: nox.Session) -> None:
-    """Run the evaluate stage's notebook with `evaluate.backend: vllm` into outputs/vllm-evaluate/ and compare
-    its log with the pipeline's own (results/evaluate): the same tables within the engines' disagreement."""
+def stage_on_vllm(session: nox.Session, stage: str, overrides: str) -> Path:
+    """Run `notebooks/<stage>.ipynb` with params.yaml plus `overrides` (YAML) into outputs/vllm-<stage>/:
+    params, executed notebook, metrics and plots land there, the pipeline's own outputs stay untouched."""
     install(session)
     install_kernel(session)
-    out = ROOT / "outputs" / "vllm-evaluate"
+    out = ROOT / "outputs" / f"vllm-{stage}"
     if out.exists():
         session.error(f"{out} exists: remove it first (it holds the previous comparison)")
     out.mkdir(parents=True)
-    overrides = out / "overrides.yaml"
-    overrides.write_text(f"evaluate:\n  backend: vllm\n  results: {out / 'results'}\n")
+    (out / "overrides.yaml").write_text(overrides)
     params = out / "params.yaml"
-    session.run("resadapt", "merge-params", "params.yaml", str(overrides), str(params))
+    session.run("resadapt", "merge-params", "params.yaml", str(out / "overrides.yaml"), str(params))
     session.run(
         "papermill",
-        "notebooks/evaluate.ipynb",
-        str(out / "evaluate.ipynb"),
+        f"notebooks/{stage}.ipynb",
+        str(out / f"{stage}.ipynb"),
         "-p",
         "params_file",
         str(params),
@@ -213,6 +211,15 @@ def vllm_evaluate(session: nox.Session) -> None:
         "--log-output",
         "--no-progress-bar",
     )
+    return out
+
+
+@nox.session(name="vllm_evaluate", python=PYTHON, venv_backend="venv")
+def vllm_evaluate(session: nox.Session) -> None:
+    """Run the evaluate stage's notebook with `evaluate.backend: vllm` into outputs/vllm-evaluate/ and compare
+    its log with the pipeline's own (results/evaluate): the same tables within the engines' disagreement."""
+    out = ROOT / "outputs" / "vllm-evaluate"
+    stage_on_vllm(session, "evaluate", f"evaluate:\n  backend: vllm\n  results: {out / 'results'}\n")
     session.run(
         "python",
         "-c",
@@ -223,6 +230,28 @@ def vllm_evaluate(session: nox.Session) -> None:
         "results/evaluate/samples.jsonl",
         str(out / "results" / "samples.jsonl"),
         str(out / "comparison.json"),
+    )
+
+
+@nox.session(name="vllm_train", python=PYTHON, venv_backend="venv")
+def vllm_train(session: nox.Session) -> None:
+    """Run the train stage's notebook with `train.backend: vllm` (rollouts and validation answers on a vLLM
+    server) into outputs/vllm-train/ (own checkpoints and Allocator) and print its metrics next to the
+    pipeline's (metrics/train.json). Rollouts are sampled by another engine, so the runs differ draw by draw."""
+    out = ROOT / "outputs" / "vllm-train"
+    stage_on_vllm(
+        session,
+        "train",
+        f"train:\n  backend: vllm\n  checkpoints: {out / 'checkpoints'}\nallocator:\n  path: {out / 'allocator'}\n",
+    )
+    session.run(
+        "python",
+        "-c",
+        "import json, sys; from resadapt.rl_stages import compare_train_metrics; "
+        "a, b = (json.load(open(p)) for p in sys.argv[1:3]); "
+        "print(compare_train_metrics(a, b).round(3).to_string())",
+        "metrics/train.json",
+        str(out / "metrics.json"),
     )
 
 

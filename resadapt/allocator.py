@@ -1026,17 +1026,8 @@ def hard_budget_scales(
         def sharp_ret(log_tau: float) -> float:
             return allocation_tokens(sharp(log_tau), height, width, geom, is_image) / ref
 
-        lo_t, hi_t = -20.0, 10.0
-        if sharp_ret(lo_t) <= target:
-            if sharp_ret(hi_t) <= target:
-                return sharp(hi_t)
-            for _ in range(iterations):
-                mid = 0.5 * (lo_t + hi_t)
-                if sharp_ret(mid) <= target:
-                    lo_t = mid
-                else:
-                    hi_t = mid
-            return sharp(lo_t)
+        if sharp_ret(-20.0) <= target:
+            return sharp(_largest_within(sharp_ret, -20.0, 10.0, target, iterations))
 
     def at(b: float) -> np.ndarray:
         return np.minimum(lo_s + _sigmoid(z + b) * (hi_s - lo_s), cap)
@@ -1045,17 +1036,22 @@ def hard_budget_scales(
         return allocation_tokens(at(b), height, width, geom, is_image) / ref
 
     lo, hi = -50.0, 50.0  # |logit u| <= 13.9, so these pin every frame to s_min / s_max
-    if ret(hi) <= target:
-        return at(hi)
     if ret(lo) > target:
         raise ValueError(
             f"target_retention {target} is below the smallest retention {ret(lo):.4f} reachable with "
             f"s_min={lo_s} for {len(arr)} frame(s) of {height}x{width}"
         )
+    return at(_largest_within(ret, lo, hi, target, iterations))
+
+
+def _largest_within(ret, lo: float, hi: float, target: float, iterations: int) -> float:
+    """The largest x in [lo, hi] with ret(x) <= target, for a non-decreasing `ret` with ret(lo) <= target."""
+    if ret(hi) <= target:
+        return hi
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         if ret(mid) <= target:
             lo = mid
         else:
             hi = mid
-    return at(lo)
+    return lo

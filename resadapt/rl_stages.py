@@ -374,6 +374,30 @@ def train_metrics(
     }
 
 
+def compare_train_metrics(reference: dict, other: dict) -> pd.DataFrame:
+    """Two `train_metrics` results side by side: detail-QA accuracy and retention per method, evidence gap."""
+    rows = []
+    for method, ref in reference["methods"].items():
+        got = other["methods"].get(method, {})
+        rows.append(
+            {
+                "method": method,
+                "accuracy": ref["accuracy"],
+                "retention": ref["retention"],
+                "other_accuracy": got.get("accuracy", np.nan),
+                "other_retention": got.get("retention", np.nan),
+            }
+        )
+    rows.append(
+        {
+            "method": "evidence_gap",
+            "accuracy": reference["evidence"]["gap"],
+            "other_accuracy": other["evidence"]["gap"],
+        }
+    )
+    return pd.DataFrame(rows).set_index("method")
+
+
 def plot_training_curves(train: pd.DataFrame, val: pd.DataFrame, window: int = 10):
     """Rollout accuracy, mean scale and measured retention per step (rolling mean), plus validation points."""
     import matplotlib.pyplot as plt

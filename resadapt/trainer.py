@@ -25,7 +25,6 @@ per-allocation video items, and its weight sync for joint training is an NCCL (C
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -819,8 +818,3 @@ class CAPOTrainer(GRPOTrainer):
         self.allocator_optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
         )
-
-
-def training_log(trainer: CAPOTrainer) -> list[dict]:
-    """The trainer's log history (train and validation rows), JSON-safe."""
-    return json.loads(json.dumps(trainer.state.log_history, default=float))

@@ -90,6 +90,10 @@ def _set(*keys_and_value):
         ),
         pytest.param(_set("evaluate", "methods", ["vanila"]), "evaluate.methods", "'vanilla'", id="method"),
         pytest.param(_set("data", "frame_size", 200), "data.frame_size", "multiple of 28", id="frame_size"),
+        pytest.param(
+            _set("train", "backend", "tgi"), "train.backend", "'transformers' or 'vllm'", id="backend"
+        ),
+        pytest.param(_set("vllm", "dtype", "int3"), "vllm.dtype", "'float32'", id="vllm-dtype"),
     ],
 )
 def test_bad_value_names_key_and_allowed(
@@ -110,6 +114,7 @@ def test_bad_value_names_key_and_allowed(
         ("backbone", "tiny", "hiden_size"),
         ("backbone", "sft", "dense_lr_"),
         ("evaluate", "method"),
+        ("evaluate", "vllm"),
     ],
     ids=lambda keys: ".".join(keys),
 )
@@ -117,6 +122,13 @@ def test_unknown_key_anywhere(tmp_path: Path, base: dict, keys: tuple[str, ...])
     message = _error(tmp_path, _variant(base, _set(*keys, 1)))
     assert ".".join(keys) in message
     assert "unknown key" in message
+
+
+def test_vllm_rollouts_need_a_frozen_backbone(tmp_path: Path, base: dict) -> None:
+    data = _variant(base, _set("train", "backend", "vllm"))
+    data["train"]["joint_training"] = True
+    message = _error(tmp_path, data)
+    assert "train.backend" in message and "joint_training" in message
 
 
 def test_path_source_without_checkpoint(tmp_path: Path, base: dict) -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 import yaml
 
 from resadapt.config import parse_params
-from resadapt.rl_stages import ablation_checks, fingerprint, train_metrics
+from resadapt.rl_stages import ablation_checks, compare_train_metrics, fingerprint, train_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,8 @@ def test_fingerprint_names_one_configuration(tmp_path):
     assert same != fingerprint(p, p.train, "capo", 11)
     q = _params(tmp_path, learning_rate=0.01)
     assert same != fingerprint(q, q.train, "capo", 10)
+    v = _params(tmp_path, backend="vllm")  # rollouts from another engine: another run
+    assert same != fingerprint(v, v.train, "capo", 10)
     (tmp_path / "backbone" / "model.safetensors").write_bytes(b"x" * 11)  # another backbone
     assert same != fingerprint(p, p.train, "capo", 10)
 
@@ -74,6 +76,9 @@ def test_train_metrics_checks_follow_the_issue_bars():
         "at_least_90pct_of_oracle": False,
     }
     assert m["checks"]["resadapt_hard"]["retention_le_0.15"] and not m["checks"]["evidence_gap_ge_0.3"]
+    side = compare_train_metrics(m, train_metrics(good, {"gap": 0.5}, 0.15))
+    assert side.loc["resadapt", ["accuracy", "other_accuracy"]].tolist() == [0.3, 0.9]
+    assert side.loc["evidence_gap", ["accuracy", "other_accuracy"]].tolist() == [0.1, 0.5]
 
 
 def test_ablation_checks():
