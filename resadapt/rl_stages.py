@@ -42,15 +42,22 @@ def allocator_tokenizer(params: Params, processor):
 
 def build_allocator(params: Params, backbone) -> Allocator:
     """A fresh Allocator over the configured frozen encoder (initial policy: `AllocatorConfig` defaults plus
-    `allocator.relevance_init` trust in the relevance prior)."""
+    `allocator.relevance_init` trust in the relevance prior).
+
+    Its weights are drawn from `params.seed`: the Trainer seeds the RNG only once it is constructed, after
+    the Allocator, and the global RNG state of a fresh process is not fixed (measured: two processes built
+    different decoders, so two runs with one seed diverged from step 2; torch seeds it at random).
+    """
     a = params.allocator
     kwargs = a.model_kwargs()
-    if a.encoder == "backbone":
-        return Allocator.from_backbone(backbone, **kwargs)
-    import transformers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        if a.encoder == "backbone":
+            return Allocator.from_backbone(backbone, **kwargs)
+        import transformers
 
-    smol = transformers.AutoModelForImageTextToText.from_pretrained(a.encoder_path)
-    return Allocator.from_smolvlm(smol, **kwargs)
+        smol = transformers.AutoModelForImageTextToText.from_pretrained(a.encoder_path)
+        return Allocator.from_smolvlm(smol, **kwargs)
 
 
 def rows(params: Params, split: str, tasks: list[str], limit: int | None = None) -> list[dict]:

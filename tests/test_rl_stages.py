@@ -105,3 +105,26 @@ def test_ablation_checks():
     finals["capo"]["final_val_mean_scale"] = 1.3
     assert not ablation_checks(finals, val)["capo_between"]
     assert ablation_checks({"capo": finals["capo"]}, val) == {"complete": False}
+
+
+def test_build_allocator_draws_its_weights_from_the_seed(tmp_path):
+    """The same params.seed gives the same initial Allocator whatever the global RNG state (a fresh process
+    starts from a random one), and the global state is left as it was."""
+    import torch
+    from conftest import SMALL_BACKBONE
+
+    from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
+    from resadapt.rl_stages import build_allocator
+
+    model, _ = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE))
+    p = _params(tmp_path)
+    torch.manual_seed(1)
+    a = build_allocator(p, model)
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    b = build_allocator(p, model)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)  # the global RNG did not move
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    other = build_allocator(parse_params(_params(tmp_path).model_dump() | {"seed": 1}), model)
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), other.parameters(), strict=True))
