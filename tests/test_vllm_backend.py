@@ -832,9 +832,9 @@ def test_live_lifecycle_processes_and_broken_model(live_server, tmp_path):
 @live
 def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
     """CAPOTrainer rollouts on the server with a frozen backbone: every allocation's prompt is the
-    processor's (the trainer checks each), the tokens vLLM samples have the log-probabilities the trainer's
-    own forward gives them on that allocation's inputs, a step's rollouts are reproducible, validation
-    answers agree with transformers, and two steps train the Allocator."""
+    processor's (the trainer checks each), a step's rollouts are reproducible, the tokens vLLM samples have
+    the log-probabilities the backbone gives them on that allocation's input, validation answers agree with
+    transformers, and two steps train the Allocator."""
     from resadapt import rl_stages
     from resadapt.config import load_params
     from resadapt.vllm_backend import post_json
@@ -855,13 +855,8 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
     assert torch.equal(a["completion_ids"], b["completion_ids"]), "a step's rollouts are not reproducible"
     assert torch.equal(a["alloc_u"], b["alloc_u"])
 
-    # vLLM's sampling distribution is the trainer's: log-probs of vLLM-sampled tokens, both engines
-    ids = torch.cat([a["prompt_ids"], a["completion_ids"]], 1)
-    mask = torch.cat([a["prompt_mask"], a["completion_mask"]], 1)
-    keep = a["completion_ids"].shape[1]
-    ours, _, _ = trainer._get_per_token_logps_and_entropies(
-        model, ids, mask, keep, visuals=a["visuals"], mm_token_type_ids=a["mm_token_type_ids"]
-    )
+    # vLLM samples from the backbone's own distribution on each allocation's input: the log-probs it reports
+    # for its sampled tokens equal a direct forward on the allocation rebuilt with the public operator
     gaps = []
     for k, visual in enumerate(trainer_visuals(trainer, row, a)):
         body = backend.body(visual, row["question"]) | {
@@ -869,32 +864,26 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
             "seed": 1000 + k,
             "max_tokens": 2,
             "logprobs": True,
-            "return_tokens_as_token_ids": True,
         }
-        choice = post_json(live_server.url + "/v1/chat/completions", body)["choices"][0]
-        sampled = choice["token_ids"]
-        theirs = [t["logprob"] for t in choice["logprobs"]["content"]]
-        full = torch.cat([a["prompt_ids"][2 * k][a["prompt_mask"][2 * k].bool()], torch.tensor(sampled)])
+        response = post_json(live_server.url + "/v1/chat/completions", body)
+        choice = response["choices"][0]
+        sampled = torch.tensor(choice["token_ids"])
+        direct = build_inputs(processor, [visual], [row["question"]])
+        assert response["prompt_token_ids"] == direct["input_ids"][0].tolist()
+        full = torch.cat([direct["input_ids"][0], sampled])[None]
+        mm = torch.cat([direct["mm_token_type_ids"][0], torch.zeros_like(sampled)])[None]
+        visual_inputs = {
+            k: v for k, v in direct.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
+        }
         with torch.no_grad():
-            lp, _, _ = trainer._get_per_token_logps_and_entropies(
-                model,
-                full[None],
-                torch.ones_like(full)[None],
-                len(sampled),
-                visuals=[a["visuals"][2 * k]],
-                mm_token_type_ids=torch.cat(
-                    [
-                        a["mm_token_type_ids"][2 * k][: a["prompt_ids"].shape[1]][
-                            a["prompt_mask"][2 * k].bool()
-                        ],
-                        torch.zeros(len(sampled), dtype=torch.long),
-                    ]
-                )[None],
-            )
-        gaps.append(max(abs(float(x) - y) for x, y in zip(lp[0], theirs, strict=True)))
-    print(f"\nmax |log p(vLLM sample) - trainer forward| per allocation: {[f'{g:.1e}' for g in gaps]}")
+            logits = model(input_ids=full, mm_token_type_ids=mm, **visual_inputs).logits[
+                0, -len(sampled) - 1 : -1
+            ]
+        ours = torch.log_softmax(logits.float(), -1).gather(-1, sampled[:, None])[:, 0]
+        theirs = [t["logprob"] for t in choice["logprobs"]["content"]]
+        gaps.append(max(abs(float(x) - y) for x, y in zip(ours, theirs, strict=True)))
+    print(f"\nmax |log p(vLLM sample) - direct forward| per allocation: {[f'{g:.1e}' for g in gaps]}")
     assert max(gaps) < 1e-3
-    assert torch.isfinite(ours[a["completion_mask"].bool()]).all()
 
     # validation answers: the server and the backbone agree
     allocs = trainer.validation_allocations(rl_stages.rows(params, "val", ["detail_qa"], limit=16))
