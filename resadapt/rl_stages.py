@@ -74,6 +74,7 @@ def rows(params: Params, split: str, tasks: list[str], limit: int | None = None)
 
 # Library code a run's trajectory depends on: a checkpoint written by other code is not resumed.
 _RUN_CODE = (
+    "rl_stages.py",
     "allocator.py",
     "capo.py",
     "trainer.py",
