@@ -236,9 +236,8 @@ class RLParams(_Section):
     eval_steps: PositiveInt = 25
     save_steps: PositiveInt = 50
     val_samples: PositiveInt = 60
-    backend: Backend = (
-        "transformers"  # engine of rollouts and validation answers (vllm: frozen backbone only)
-    )
+    # engine of rollouts and validation answers (vllm: frozen backbone only)
+    backend: Backend = "transformers"
 
     @model_validator(mode="after")
     def _engine(self) -> RLParams:
