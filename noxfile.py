@@ -69,7 +69,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     install(session)
-    targets = ["resadapt", "tests", "noxfile.py"]
+    targets = ["resadapt", "tests", "scripts", "noxfile.py"]
     session.run("ruff", "check", *targets)
     session.run("ruff", "format", "--check", *targets)
 
