@@ -648,7 +648,10 @@ def compare_results(reference: pd.DataFrame, other: pd.DataFrame) -> dict:
     if len(m) != len(a) or len(m) != len(b):
         raise ValueError(f"the logs do not hold the same samples ({len(a)} vs {len(b)}, {len(m)} in common)")
     same = m.prediction_a == m.prediction_b
-    tables = {"qa": qa_table, "grounding": grounding_table, "frames": frames_table}
+    tables = {
+        k: (fn(reference), fn(other))
+        for k, fn in (("qa", qa_table), ("grounding", grounding_table), ("frames", frames_table))
+    }
     return {
         "samples": len(m),
         "identical_predictions": float(same.mean()),
@@ -656,7 +659,6 @@ def compare_results(reference: pd.DataFrame, other: pd.DataFrame) -> dict:
         "visual_tokens_equal": float((m.visual_tokens_a == m.visual_tokens_b).mean()),
         "prompt_tokens_equal": float((m.prompt_tokens_a == m.prompt_tokens_b).mean()),
         "max_table_difference": {
-            k: float((fn(reference) - fn(other)).abs().max().max()) if not fn(reference).empty else 0.0
-            for k, fn in tables.items()
+            k: float((x - y).abs().max().max()) if not x.empty else 0.0 for k, (x, y) in tables.items()
         },
     }

@@ -154,10 +154,10 @@ def prepare_model_dir(src: str | Path, dest: str | Path) -> tuple[Path, list[str
         if p.name == marker.name:
             changes.append(f"dropped {p.name} (resadapt's processor marker)")
         elif p.name == video_file.name and custom_video:
-            (dest / p.name).write_text(json.dumps(stock_video_config(video_cfg, processor_class), indent=2))
+            stock = stock_video_config(video_cfg, processor_class)
+            (dest / p.name).write_text(json.dumps(stock, indent=2))
             changes.append(
-                f"{p.name}: {video_cfg.get('video_processor_type')} -> "
-                f"{stock_video_config(video_cfg, processor_class)['video_processor_type']} "
+                f"{p.name}: {video_cfg.get('video_processor_type')} -> {stock['video_processor_type']} "
                 "(same pixel limits, patches and normalisation; no frame sampling, no per-frame pixel cap)"
             )
         elif p.is_file():
@@ -662,6 +662,12 @@ def request_body(
     return body
 
 
+def _choices(response: dict) -> list[dict]:
+    if "error" in response or not response.get("choices"):
+        raise VLLMServerError(f"vLLM answered with an error: {json.dumps(response)[:2000]}")
+    return response["choices"]
+
+
 @dataclass
 class ParsedResponse:
     text: str
@@ -679,9 +685,7 @@ def parse_response(
     Visual tokens are counted in the returned `prompt_token_ids`; a server that does not return them falls
     back to `usage.prompt_tokens` minus the prompt's text-only length `text_only_tokens`.
     """
-    if "error" in response or not response.get("choices"):
-        raise VLLMServerError(f"vLLM answered with an error: {json.dumps(response)[:2000]}")
-    choice = response["choices"][0]
+    choice = _choices(response)[0]
     text = (choice.get("message") or {}).get("content") or ""
     usage = response.get("usage") or {}
     ids = response.get("prompt_token_ids")
@@ -709,9 +713,7 @@ class Rollouts:
 
 
 def parse_rollouts(response: dict, n: int) -> Rollouts:
-    if "error" in response or not response.get("choices"):
-        raise VLLMServerError(f"vLLM answered with an error: {json.dumps(response)[:2000]}")
-    choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+    choices = sorted(_choices(response), key=lambda c: c.get("index", 0))
     ids = response.get("prompt_token_ids")
     if ids is None or any(c.get("token_ids") is None for c in choices):
         raise VLLMServerError(

@@ -840,7 +840,7 @@ def test_live_lifecycle_processes_and_broken_model(live_server, tmp_path):
 @pytest.mark.vllm
 @live
 def test_live_seeded_rollouts_in_one_busy_batch(trained, live_server):
-    """16 seeded sampling requests at full resolution in flight together (about 9,000 prompt tokens, more
+    """16 seeded sampling requests at full resolution in flight together (7,488 prompt tokens, more
     than vLLM's default 2,048-token step) all answer, and the same seeds give the same tokens again."""
     model, processor = trained
     visuals, questions, _ = _test_visuals(processor, 1.0, per_task=4)
