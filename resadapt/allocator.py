@@ -446,6 +446,21 @@ def _find_submodule(model: nn.Module, name: str, what: str) -> nn.Module:
     raise ValueError(f"model {type(model).__name__} has no {what} (looked for .{name} and .model.{name})")
 
 
+def standardise_frames(frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """Frozen tokens (B, T, L, D) minus their video's mean token, divided by the video's RMS; padding 0.
+
+    What the decoder needs is what tells one frame from another. Raw, the tiny backbone's coarse tokens are
+    mostly one vector shared by every frame (measured on 60 detail-QA test videos: projected, the
+    frame-to-frame std was 0.015 against a norm of 5.2, below the position embedding's norm of 8).
+    """
+    w = frame_mask[:, :, None, None].to(frame_tokens.dtype)
+    n = w.sum((1, 2), keepdim=True) * frame_tokens.shape[2]
+    mean = (frame_tokens * w).sum((1, 2), keepdim=True) / n.clamp(min=1.0)
+    centred = (frame_tokens - mean) * w
+    rms = torch.sqrt((centred**2).sum((1, 2, 3), keepdim=True) / (n * frame_tokens.shape[3]).clamp(min=1.0))
+    return centred / (rms + 1e-6)
+
+
 def relevance(
     frame_tokens: torch.Tensor, frame_mask: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -525,7 +540,11 @@ class Allocator(PreTrainedModel):
                 f"AllocatorConfig.relevance_prior needs frame tokens and query in one space, but their widths "
                 f"differ ({self.encoder_dim} vs {self.query_dim}); set relevance_prior=False"
             )
-        # zero-initialised like the head's last layer: the prior starts with no say
+        # The prior's bilinear form <W v, e>: W starts at the identity (the parameter-free prior) and is
+        # learned, so training can re-weigh what counts as a match; the head learns how much to trust it.
+        self.relevance_metric = (
+            nn.Linear(self.encoder_dim, self.query_dim, bias=False) if config.relevance_prior else None
+        )
         self.relevance_head = nn.Linear(1, 2) if config.relevance_prior else None
         self.post_init()
         self._freeze()
@@ -539,7 +558,16 @@ class Allocator(PreTrainedModel):
         Uses `transformers.initialization`, which skips tensors loaded from a checkpoint, so
         `from_pretrained` never overwrites trained weights.
         """
-        if module is getattr(self, "relevance_head", None):
+        if module is getattr(self, "relevance_metric", None):
+            # identity, missing from checkpoints written before it existed: they load as they behaved
+            init.copy_(
+                module.weight, torch.eye(module.out_features, module.in_features, dtype=module.weight.dtype)
+            )
+        elif module is getattr(self, "frame_proj", None):
+            # unit-variance inputs (standardise_frames) give unit-variance features, on par with positions
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            init.zeros_(module.bias)
+        elif module is getattr(self, "relevance_head", None):
             # +r on alpha, -r on beta: relevant frames start with more pixels (0: no prior)
             r = self.config.relevance_init
             init.copy_(module.weight, torch.tensor([[r], [-r]], dtype=module.weight.dtype))
@@ -794,7 +822,8 @@ class Allocator(PreTrainedModel):
             raise ValueError(f"query_mask must be {tuple(query.shape[:2])}, got {tuple(query_mask.shape)}")
 
         dtype = self.frame_proj.weight.dtype
-        x = self.frame_proj(frame_tokens.to(dtype)) * frame_mask[:, :, None, None]
+        x = self.frame_proj(standardise_frames(frame_tokens.float(), frame_mask).to(dtype))
+        x = x * frame_mask[:, :, None, None]
         x = x + sinusoidal_embedding(t, self.config.dim, x.device).to(dtype)[None, :, None, :]
         q = self.query_proj(query.to(dtype))
         has_query = query_mask.any(-1)
@@ -808,7 +837,10 @@ class Allocator(PreTrainedModel):
         pooled = pooled * frame_mask[..., None]
         raw = self.head(pooled).float()
         if self.relevance_head is not None:
-            rel = relevance(frame_tokens.float(), frame_mask, query.float(), query_mask)
+            metric = self.relevance_metric
+            rel = relevance(
+                metric(frame_tokens.to(metric.weight.dtype)).float(), frame_mask, query.float(), query_mask
+            )
             raw = raw + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype)).float()
         ab = (F.softplus(self.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(1.0, self.config.beta_max)
         one = torch.ones_like(ab[..., 0])

@@ -226,6 +226,7 @@ class RLParams(_Section):
     max_completion_length: PositiveInt = 4
     learning_rate: Annotated[float, Field(gt=0.0)] = 3e-3  # the Allocator's
     relevance_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-2  # its two relevance-prior weights
+    relevance_metric_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-4  # the prior's bilinear form
     objective: Objective = "capo"
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     capo: CAPOParams = CAPOParams()

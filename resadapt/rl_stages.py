@@ -128,6 +128,7 @@ def trainer_config(
         capo=rl.capo.model_dump(),
         allocator_learning_rate=rl.learning_rate,
         allocator_relevance_learning_rate=rl.relevance_learning_rate,
+        allocator_relevance_metric_learning_rate=rl.relevance_metric_learning_rate,
         concentration_coef=rl.concentration_coef,
         similarity_coef=rl.similarity_coef,
         joint_training=rl.joint_training,

@@ -79,6 +79,9 @@ class CAPOTrainerConfig(GRPOConfig):
     allocator_relevance_learning_rate: float | None = field(
         default=None, metadata={"help": "lr of the Allocator's relevance-prior weights (None: allocator lr)"}
     )
+    allocator_relevance_metric_learning_rate: float | None = field(
+        default=None, metadata={"help": "lr of the relevance prior's bilinear form (None: allocator lr)"}
+    )
     allocator_weight_decay: float = 0.0
     allocator_max_grad_norm: float = 1.0
     allocator_clip_low: float = 0.2
@@ -251,15 +254,15 @@ class CAPOTrainer(GRPOTrainer):
         named = [(n, p) for n, p in self.allocator.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the Allocator has no trainable parameters")
-        prior = [p for n, p in named if n.startswith("relevance_head.")]
-        groups = [{"params": [p for n, p in named if not n.startswith("relevance_head.")]}]
-        if prior:
-            groups.append(
-                {
-                    "params": prior,
-                    "lr": args.allocator_relevance_learning_rate or args.allocator_learning_rate,
-                }
-            )
+        own_lr = {
+            "relevance_head.": args.allocator_relevance_learning_rate,
+            "relevance_metric.": args.allocator_relevance_metric_learning_rate,
+        }
+        groups = [{"params": [p for n, p in named if not n.startswith(tuple(own_lr))]}]
+        for prefix, lr in own_lr.items():
+            params = [p for n, p in named if n.startswith(prefix)]
+            if params:
+                groups.append({"params": params, "lr": lr or args.allocator_learning_rate})
         self.allocator_optimizer = torch.optim.AdamW(
             groups, lr=args.allocator_learning_rate, weight_decay=args.allocator_weight_decay
         )

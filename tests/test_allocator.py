@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import SMALL_BACKBONE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from resadapt.allocator import (
     Allocator,
@@ -26,7 +28,15 @@ from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry, chunk_scales, resize_video, retention, video_tokens
 from resadapt.capo import beta_log_prob
 
-TRAINABLE_PREFIXES = ("frame_proj.", "query_proj.", "layers.", "pool.", "head.", "relevance_head.")
+TRAINABLE_PREFIXES = (
+    "frame_proj.",
+    "query_proj.",
+    "layers.",
+    "pool.",
+    "head.",
+    "relevance_metric.",
+    "relevance_head.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -467,6 +477,62 @@ def test_relevance_prior_finds_the_frame_that_matches_a_question_word():
         flat, torch.ones(1, 4, dtype=torch.bool), query[:, :1], torch.ones(1, 1, dtype=torch.bool)
     )
     assert torch.allclose(rel_flat, torch.zeros_like(rel_flat))
+
+
+def test_standardise_frames_keeps_only_what_tells_frames_apart():
+    from resadapt.allocator import standardise_frames
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 5, 4, 8, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out = standardise_frames(tokens, mask)
+    assert torch.all(out[1, 3:] == 0), "padding frames stay zero"
+    for i, n in enumerate((5, 3)):
+        valid = out[i, :n]
+        torch.testing.assert_close(valid.mean((0, 1)), torch.zeros(8), atol=1e-5, rtol=0)
+        torch.testing.assert_close(valid.pow(2).mean(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    # a vector every frame shares and the overall scale carry no ranking information
+    shifted = standardise_frames(3.0 * tokens + torch.randn(8, generator=g) * 50, mask)
+    torch.testing.assert_close(shifted, out, atol=1e-4, rtol=0)
+    # padding content does not leak into the valid frames
+    padded = tokens.clone()
+    padded[1, 3:] = 1e3
+    torch.testing.assert_close(standardise_frames(padded, mask), out, atol=1e-5, rtol=0)
+
+
+def test_relevance_metric_starts_at_the_prior_and_is_used(backbone, tmp_path):
+    from resadapt.allocator import relevance
+
+    model, processor = backbone
+    alloc = Allocator.from_backbone(model, processor, dim=32, num_heads=2, relevance_init=1.0).eval()
+    eye = torch.eye(alloc.encoder_dim)
+    torch.testing.assert_close(alloc.relevance_metric.weight, eye, atol=0, rtol=0)
+    feats = alloc.encode_frames([_video(6, 6)])
+    q, qm = _query(alloc, [[40, 41, 42]])
+    with torch.no_grad():
+        before = alloc(feats.tokens, feats.mask, q, qm)
+        # zero head: alpha is the prior alone, the parameter-free relevance through relevance_init
+        rel = relevance(feats.tokens, feats.mask, q, qm)
+        raw = alloc.relevance_head(rel[..., None])[..., 0] + alloc.head.out.bias[0]
+        expected = (F.softplus(alloc.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(1.0, 20.0)
+        torch.testing.assert_close(before.alpha, expected)
+        alloc.relevance_metric.weight.copy_(
+            torch.randn(eye.shape, generator=torch.Generator().manual_seed(1))
+        )
+        moved = alloc(feats.tokens, feats.mask, q, qm)
+    assert not torch.allclose(moved.alpha, before.alpha), "the learned metric must change the prior"
+    # a checkpoint written before the metric existed loads with the identity, i.e. as it behaved
+    with torch.no_grad():
+        alloc.relevance_metric.weight.copy_(eye)
+    alloc.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "model.safetensors"
+    state = load_file(str(path))
+    del state["relevance_metric.weight"]
+    save_file(state, str(path), metadata={"format": "pt"})
+    old = Allocator.from_pretrained(tmp_path / "old").eval()
+    torch.testing.assert_close(old.relevance_metric.weight, eye, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(old(feats.tokens, feats.mask, q, qm).alpha, before.alpha, atol=0, rtol=0)
 
 
 def test_relevance_init_and_init_mean(backbone):

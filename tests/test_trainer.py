@@ -78,6 +78,25 @@ def _trainer(root, out, seed=0, joint=False, max_steps=2, callbacks=None, engine
     )
 
 
+def test_relevance_prior_parts_get_their_own_learning_rates(bench, tmp_path):
+    trainer = _trainer(
+        bench,
+        tmp_path,
+        allocator_learning_rate=1e-3,
+        allocator_relevance_learning_rate=0.05,
+        allocator_relevance_metric_learning_rate=2e-4,
+    )
+    lr_of = {
+        id(p): group["lr"] for group in trainer.allocator_optimizer.param_groups for p in group["params"]
+    }
+    named = [(n, p) for n, p in trainer.allocator.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(named), "every trainable parameter is in exactly one group"
+    for name, p in named:
+        expected = 0.05 if name.startswith("relevance_head.") else 1e-3
+        expected = 2e-4 if name.startswith("relevance_metric.") else expected
+        assert lr_of[id(p)] == expected, name
+
+
 def test_config_derives_groups_and_rejects_bad_values(tmp_path):
     args = CAPOTrainerConfig(
         output_dir=str(tmp_path),
