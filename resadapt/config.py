@@ -231,6 +231,8 @@ class RLParams(_Section):
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     capo: CAPOParams = CAPOParams()
     concentration_coef: Annotated[float, Field(ge=0.0)] = 0.02
+    # null: the authors' code, mean(alpha + beta); a number: the paper's soft cap, mean relu(alpha + beta - cap)
+    concentration_cap: Annotated[float, Field(gt=2.0)] | None = None
     similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
     joint_training: bool = False
     backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6

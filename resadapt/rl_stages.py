@@ -130,6 +130,7 @@ def trainer_config(
         allocator_relevance_learning_rate=rl.relevance_learning_rate,
         allocator_relevance_metric_learning_rate=rl.relevance_metric_learning_rate,
         concentration_coef=rl.concentration_coef,
+        concentration_cap=rl.concentration_cap,
         similarity_coef=rl.similarity_coef,
         joint_training=rl.joint_training,
         learning_rate=rl.backbone_learning_rate,

@@ -88,6 +88,12 @@ class CAPOTrainerConfig(GRPOConfig):
     allocator_clip_high: float = 0.28
     allocator_dual_clip: float = 10.0
     concentration_coef: float = 5e-4
+    concentration_cap: float | None = field(
+        default=None,
+        metadata={
+            "help": "None: mean alpha+beta (authors' code); a number: mean relu(alpha+beta-cap) (paper text)"
+        },
+    )
     similarity_coef: float = 1e-3
     joint_training: bool = field(default=False, metadata={"help": "also train the backbone (ResAdapt-RL)"})
     eval_generate: bool = field(
@@ -106,6 +112,12 @@ class CAPOTrainerConfig(GRPOConfig):
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"CAPOTrainerConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
+        cap = self.concentration_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 2.0):
+            raise ValueError(
+                f"CAPOTrainerConfig.concentration_cap must be None or a number above 2 (alpha, beta >= 1), "
+                f"got {cap!r}"
             )
         self.num_generations = group = self.allocations_per_prompt * self.rollouts_per_allocation
         if self.per_device_train_batch_size % group:
@@ -649,7 +661,7 @@ class CAPOTrainer(GRPOTrainer):
             a.allocator_clip_high,
             a.allocator_dual_clip,
         )
-        conc = capo.concentration_loss(out.alpha, out.beta, mask)
+        conc = capo.concentration_loss(out.alpha, out.beta, mask, a.concentration_cap)
         sim = capo.temporal_similarity_loss(
             out.frame_features, out.alpha, out.beta, mask, self.similarity_config
         )

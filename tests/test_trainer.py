@@ -123,6 +123,14 @@ def test_config_derives_groups_and_rejects_bad_values(tmp_path):
             use_cpu=True,
             report_to="none",
         )
+    with pytest.raises(ValueError, match="concentration_cap"):
+        CAPOTrainerConfig(
+            output_dir=str(tmp_path),
+            concentration_cap=2.0,
+            per_device_train_batch_size=16,
+            use_cpu=True,
+            report_to="none",
+        )
     with pytest.raises(ValueError, match="allocations_per_prompt"):
         CAPOTrainerConfig(
             output_dir=str(tmp_path),
