@@ -25,6 +25,12 @@ in 30 CAPO steps at lr 1e-3; Adam moves the bias by ~lr per step, ~10^4 steps to
 `beta_init_logit` is k * bias: 0 (default) starts at alpha = beta = 1 + ln 2 (a broad, symmetric Beta, slope
 0.5); -10 reproduces the reference.
 
+Beyond the reference: a relevance prior, the question-to-frame match score of `relevance` through a bilinear
+form `relevance_metric` that starts at the identity (the parameter-free score) and is learned, added to the
+head's output with a learned trust (`relevance_head`). CAPO moves these few, well-placed weights within a
+short run; the decoder alone did not learn to rank frames in 150-300 steps here. The decoder reads the frozen
+tokens standardised per video (`standardise_frames`).
+
 `hard_budget_scales` (beyond the paper, design decision 7) rescales a deterministic allocation so the
 *measured* retention meets a target, keeping the ranking of the frames.
 """
@@ -471,7 +477,8 @@ def relevance(
     the frame's tokens of <v_tl, e_q>, centred over the valid frames (words every frame matches carry no
     information); relevance_t = max_q, divided by the sample's spread. Measured on the embedded val split
     (tiny backbone, coarse 112 px): evidence frames rank above the others with AUC 0.91, the top frame is
-    evidence in 75% of detail-QA videos. The Allocator learns how much to trust it (`relevance_head`).
+    evidence in 75% of detail-QA videos. The Allocator learns the bilinear form the match is measured in
+    (`relevance_metric`, applied to `frame_tokens` before this call) and how much to trust it (`relevance_head`).
     """
     fm = frame_mask.bool()
     qm = query_mask.bool()

@@ -336,15 +336,30 @@ def _method_scales(method, scales, sample, geom, operating_retention, mean_ret, 
     return np.asarray(out, dtype=np.float64)
 
 
-def evidence_gap(trainer: CAPOTrainer, test_rows: list[dict]) -> dict:
-    """Mean deterministic scale on evidence chunks vs the other chunks (active perception)."""
+def evidence_gap(
+    trainer: CAPOTrainer, test_rows: list[dict], operating_retention: float | None = None
+) -> dict:
+    """Mean deterministic scale on evidence chunks vs the other chunks (active perception).
+
+    The scales are the operator's (clipped at token saturation); with `operating_retention`, those of the
+    hard-budget allocation at that retention instead of the Beta means.
+    """
     tp = trainer.geometry.temporal_patch_size
+    geom = trainer.geometry
+    s_min, s_max = float(trainer.allocator.config.s_min), float(trainer.allocator.config.s_max)
+    allocs = trainer.validation_allocations(test_rows)
+    raw = _unclipped_allocations(trainer, test_rows) if operating_retention is not None else None
     ev, other = [], []
-    for a in trainer.validation_allocations(test_rows):
+    for i, a in enumerate(allocs):
         sample = trainer._sample_cache[str(a["row"]["id"])]
         if sample.is_image:
             continue
-        chunks = np.array([a["scales"][k * tp : (k + 1) * tp].mean() for k in range(len(a["scales"]) // tp)])
+        scales = a["scales"]
+        if raw is not None:
+            scales = _method_scales(
+                "resadapt_hard", raw[i], sample, geom, operating_retention, None, s_min, s_max
+            )
+        chunks = np.array([scales[k * tp : (k + 1) * tp].mean() for k in range(len(scales) // tp)])
         mask = chunk_evidence(sample, tp)[: len(chunks)]
         ev += chunks[mask].tolist()
         other += chunks[~mask].tolist()
