@@ -487,7 +487,8 @@ def relevance(
     mean = (s * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1.0)
     c = (s - mean) * w
     valid = fm[:, :, None] & qm[:, None, :]
-    spread = torch.sqrt((c**2 * valid).sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)) + 1e-6
+    # clamped inside the root: a single frame has no spread, and the learned metric needs a finite gradient
+    spread = torch.sqrt(((c**2 * valid).sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)).clamp(min=1e-12)) + 1e-6
     r = torch.where(valid, c, torch.full_like(c, -torch.inf)).amax(-1)
     r = torch.where(torch.isfinite(r), r, torch.zeros_like(r)) / spread[:, None]
     return r * fm

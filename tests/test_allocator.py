@@ -477,6 +477,11 @@ def test_relevance_prior_finds_the_frame_that_matches_a_question_word():
         flat, torch.ones(1, 4, dtype=torch.bool), query[:, :1], torch.ones(1, 1, dtype=torch.bool)
     )
     assert torch.allclose(rel_flat, torch.zeros_like(rel_flat))
+    # a single frame (an image) has no spread; the gradient the learned metric gets must stay finite
+    metric = torch.eye(8, requires_grad=True)
+    one = relevance(tokens[:, :1] @ metric.T, mask[:, :1], query, torch.ones(1, 3, dtype=torch.bool))
+    one.sum().backward()
+    assert torch.all(one == 0) and torch.isfinite(metric.grad).all()
 
 
 def test_standardise_frames_keeps_only_what_tells_frames_apart():
