@@ -519,7 +519,9 @@ def test_relevance_metric_starts_at_the_prior_and_is_used(backbone, tmp_path):
         # zero head: alpha is the prior alone, the parameter-free relevance through relevance_init
         rel = relevance(feats.tokens, feats.mask, q, qm)
         raw = alloc.relevance_head(rel[..., None])[..., 0] + alloc.head.out.bias[0]
-        expected = (F.softplus(alloc.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(1.0, 20.0)
+        expected = (F.softplus(alloc.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(
+            1.0, alloc.config.beta_max
+        )
         torch.testing.assert_close(before.alpha, expected)
         alloc.relevance_metric.weight.copy_(
             torch.randn(eye.shape, generator=torch.Generator().manual_seed(1))

@@ -98,47 +98,20 @@ def test_relevance_prior_parts_get_their_own_learning_rates(bench, tmp_path):
 
 
 def test_config_derives_groups_and_rejects_bad_values(tmp_path):
-    args = CAPOTrainerConfig(
-        output_dir=str(tmp_path),
-        allocations_per_prompt=4,
-        rollouts_per_allocation=2,
-        per_device_train_batch_size=8,
-        use_cpu=True,
-        report_to="none",
-    )
+    def config(**kw):
+        return CAPOTrainerConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    args = config(allocations_per_prompt=4, rollouts_per_allocation=2, per_device_train_batch_size=8)
     assert args.num_generations == 8
-    with pytest.raises(ValueError, match="per_device_train_batch_size"):
-        CAPOTrainerConfig(
-            output_dir=str(tmp_path),
-            allocations_per_prompt=4,
-            per_device_train_batch_size=4,
-            use_cpu=True,
-            report_to="none",
-        )
-    with pytest.raises(ValueError, match="objective"):
-        CAPOTrainerConfig(
-            output_dir=str(tmp_path),
-            objective="cheap",
-            per_device_train_batch_size=16,
-            use_cpu=True,
-            report_to="none",
-        )
-    with pytest.raises(ValueError, match="concentration_cap"):
-        CAPOTrainerConfig(
-            output_dir=str(tmp_path),
-            concentration_cap=2.0,
-            per_device_train_batch_size=16,
-            use_cpu=True,
-            report_to="none",
-        )
-    with pytest.raises(ValueError, match="allocations_per_prompt"):
-        CAPOTrainerConfig(
-            output_dir=str(tmp_path),
-            allocations_per_prompt=1,
-            per_device_train_batch_size=2,
-            use_cpu=True,
-            report_to="none",
-        )
+    bad = [
+        ("per_device_train_batch_size", dict(allocations_per_prompt=4, per_device_train_batch_size=4)),
+        ("objective", dict(objective="cheap", per_device_train_batch_size=16)),
+        ("concentration_cap", dict(concentration_cap=2.0, per_device_train_batch_size=16)),
+        ("allocations_per_prompt", dict(allocations_per_prompt=1, per_device_train_batch_size=2)),
+    ]
+    for match, kw in bad:
+        with pytest.raises(ValueError, match=match):
+            config(**kw)
 
 
 def test_rollout_batch_and_loss_forward_see_the_generation_pixels(bench, tmp_path):
