@@ -223,7 +223,7 @@ def vllm_evaluate(session: nox.Session) -> None:
     session.run(
         "python",
         "-c",
-        "import json, sys; from resadapt.evaluate import read_results, compare_results; "
+        "import json, sys; from resadapt.evaluate import read_results; from resadapt.stages.evaluate import compare_results; "
         "c = compare_results(read_results(sys.argv[1]), read_results(sys.argv[2])); "
         "open(sys.argv[3], 'w').write(json.dumps(c, indent=2)); "
         "print(json.dumps({k: v for k, v in c.items() if k != 'differing'}, indent=2))",
@@ -247,7 +247,7 @@ def vllm_train(session: nox.Session) -> None:
     session.run(
         "python",
         "-c",
-        "import json, sys; from resadapt.rl_stages import compare_train_metrics; "
+        "import json, sys; from resadapt.stages.train import compare_train_metrics; "
         "a, b = (json.load(open(p)) for p in sys.argv[1:3]); "
         "print(compare_train_metrics(a, b).round(3).to_string())",
         "metrics/train.json",

@@ -31,8 +31,8 @@ head's output with a learned trust (`relevance_head`). CAPO moves these few, wel
 short run; the decoder alone did not learn to rank frames in 150-300 steps here. The decoder reads the frozen
 tokens standardised per video (`standardise_frames`).
 
-`hard_budget_scales` (beyond the paper, design decision 7) rescales a deterministic allocation so the
-*measured* retention meets a target, keeping the ranking of the frames.
+What an allocation costs in tokens, and the hard budget that rescales it to a target retention, live with
+the rest of the token arithmetic in `resadapt.budget`.
 """
 
 from __future__ import annotations
@@ -52,17 +52,14 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from resadapt.budget import VisionGeometry, chunk_scales, image_tokens, retention_of_tokens, video_tokens
-from resadapt.capo import beta_log_prob, token_saturation_scale
+from resadapt.capo import beta_log_prob
 
 __all__ = [
     "AllocatorConfig",
     "Allocator",
     "AllocatorOutput",
     "FrameFeatures",
-    "allocation_tokens",
-    "allocation_retention",
-    "hard_budget_scales",
+    "query_tokenizer",
 ]
 
 ENCODER_TYPES = ("qwen_vision", "smolvlm")
@@ -926,172 +923,11 @@ AutoConfig.register(AllocatorConfig.model_type, AllocatorConfig, exist_ok=True)
 AutoModel.register(AllocatorConfig, Allocator, exist_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Hard budget
+def query_tokenizer(params, processor):
+    """The tokenizer of the Allocator's query encoder for `allocator` params (`config.AllocatorParams`): the
+    backbone's (`encoder: backbone`), or SmolVLM2's from `encoder_path` (paper profile)."""
+    if params.encoder == "backbone":
+        return processor.tokenizer
+    import transformers
 
-
-def _check_allocation(scales: Any, name: str = "scales") -> np.ndarray:
-    if hasattr(scales, "detach"):
-        scales = scales.detach().cpu().numpy()
-    arr = np.asarray(scales, dtype=np.float64)
-    if arr.ndim != 1 or len(arr) == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D per-frame allocation, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name} must be positive and finite")
-    return arr
-
-
-def _is_image(scales: np.ndarray, image: bool | None) -> bool:
-    if image is None:
-        return len(scales) == 1
-    if image and len(scales) != 1:
-        raise ValueError(f"image=True needs exactly one scale, got {len(scales)}")
-    return bool(image)
-
-
-def allocation_tokens(
-    scales: Sequence[float] | np.ndarray,
-    height: int,
-    width: int,
-    geom: VisionGeometry,
-    image: bool | None = None,
-) -> int:
-    """Visual tokens the backbone gets for a per-frame allocation, exactly as `budget.resize_video`
-    (chunk k at the mean scale of its frames) or `resize_image` (one scale; `image=None`: when T = 1)."""
-    arr = _check_allocation(scales)
-    if _is_image(arr, image):
-        return image_tokens(height, width, geom, float(arr[0]))
-    tp = geom.temporal_patch_size
-    sizes = [min(tp, len(arr) - i) for i in range(0, len(arr), tp)]
-    return sum(
-        video_tokens(n, height, width, geom, s) for n, s in zip(sizes, chunk_scales(arr, tp), strict=True)
-    )
-
-
-def allocation_retention(
-    scales: Sequence[float] | np.ndarray,
-    height: int,
-    width: int,
-    geom: VisionGeometry,
-    image: bool | None = None,
-) -> float:
-    """Measured retention of an allocation: its tokens / tokens of the same frames unmodified."""
-    arr = _check_allocation(scales)
-    ref = allocation_tokens(np.ones_like(arr), height, width, geom, image)
-    return retention_of_tokens(allocation_tokens(arr, height, width, geom, image), ref)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-def clip_to_saturation(
-    scales: Sequence[float] | np.ndarray, height: int, width: int, geom: VisionGeometry, s_max: float
-) -> np.ndarray:
-    """Clip scales at the smallest scale that already gives a frame its most tokens.
-
-    Above it a scale adds nothing, and at the pixel cap smart_resize's flooring can even take tokens away:
-    a 224 px frame under a 224^2 cap is 224 px at s = 1 and at s = 1.25, but 196 px at s = 1.2499 (floor(279)
-    is scaled back below 224 and floored to 7 x 28). The Allocator's actions above 1 must not cost it the
-    frame it asked for, so the operator gets clipped scales (the cost proxy clips at the same point).
-    """
-    arr = _check_allocation(scales)
-    return np.minimum(arr, token_saturation_scale(int(height), int(width), geom, float(s_max)))
-
-
-def hard_budget_scales(
-    scales: Sequence[float] | np.ndarray,
-    height: int,
-    width: int,
-    geom: VisionGeometry,
-    target_retention: float,
-    s_min: float,
-    s_max: float,
-    image: bool | None = None,
-    iterations: int = 60,
-    mode: str = "sharpen",
-) -> np.ndarray:
-    """Rescale a deterministic allocation so its measured retention is as close to `target_retention` as
-    possible without exceeding it, keeping the ranking of the temporal chunks (the unit the operator resizes:
-    every frame of a chunk gets the chunk's rescaled mean scale).
-
-    Each scale is mapped to the latent u and transformed monotonically in logit space z = logit(u):
-    `mode="shift"`: u' = sigmoid(z + b); `mode="sharpen"` (default): u' = sigmoid((z - z_top) / tau + 13.8),
-    which pins the top-ranked chunk at s_max and lowers the others along the allocation's own ranking as tau
-    shrinks, so a tight budget still gives the most important chunk full resolution (a shift would lower every
-    chunk together). If even the top chunk alone at s_max exceeds the target, sharpen falls back to shift.
-    The free parameter (b or log tau) is found by bisection (the largest value whose retention <= target). Because token counts are
-    step functions of the scale, the result lands within one chunk's token step below the target. A
-    single scale (T = 1) is treated as an image (its pixel limits) unless `image=False`. Input scales
-    outside [s_min, s_max] are clipped into it first (the latent must lie in (0, 1)).
-    Raises ValueError when the target is outside (0, 1] or below what all-s_min allocations keep.
-    """
-    try:
-        target = float(target_retention)
-    except (TypeError, ValueError):
-        raise ValueError(f"target_retention must be a number in (0, 1], got {target_retention!r}") from None
-    if not math.isfinite(target) or not 0.0 < target <= 1.0:
-        raise ValueError(f"target_retention must be in (0, 1], got {target_retention!r}")
-    lo_s = _positive_float("hard_budget_scales", "s_min", s_min)
-    hi_s = _positive_float("hard_budget_scales", "s_max", s_max)
-    if lo_s >= hi_s:
-        raise ValueError(f"hard_budget_scales: s_min ({lo_s}) must be below s_max ({hi_s})")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    arr = _check_allocation(scales)
-    is_image = _is_image(arr, image)
-    ref = allocation_tokens(np.ones_like(arr), height, width, geom, is_image)
-    if mode not in ("sharpen", "shift"):
-        raise ValueError(f"hard_budget_scales: mode must be 'sharpen' or 'shift', got {mode!r}")
-    # The operator resizes per temporal chunk (mean of its frames' scales), so a video is rescaled chunk by
-    # chunk: ranking frames instead could pin one frame of a chunk high and let its partner drag it down.
-    if is_image:
-        frames_of = np.zeros(1, dtype=int)
-        units = arr
-    else:
-        tp = geom.temporal_patch_size
-        frames_of = np.arange(len(arr)) // tp
-        units = np.asarray(chunk_scales(arr, tp), dtype=np.float64)
-    # scales beyond the token saturation add nothing and can lose tokens (see clip_to_saturation)
-    cap = hi_s if is_image else token_saturation_scale(int(height), int(width), geom, hi_s)
-    u = np.clip((units - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
-    z_units = np.log(u) - np.log1p(-u)
-    z = z_units[frames_of]
-    if mode == "sharpen" and len(units) > 1:
-        pin = -math.log(_U_EPS)  # logit(1 - eps): the top frame at s_max
-
-        def sharp(log_tau: float) -> np.ndarray:
-            return np.minimum(lo_s + _sigmoid((z - z.max()) / math.exp(log_tau) + pin) * (hi_s - lo_s), cap)
-
-        def sharp_ret(log_tau: float) -> float:
-            return allocation_tokens(sharp(log_tau), height, width, geom, is_image) / ref
-
-        if sharp_ret(-20.0) <= target:
-            return sharp(_largest_within(sharp_ret, -20.0, 10.0, target, iterations))
-
-    def at(b: float) -> np.ndarray:
-        return np.minimum(lo_s + _sigmoid(z + b) * (hi_s - lo_s), cap)
-
-    def ret(b: float) -> float:
-        return allocation_tokens(at(b), height, width, geom, is_image) / ref
-
-    lo, hi = -50.0, 50.0  # |logit u| <= 13.9, so these pin every frame to s_min / s_max
-    if ret(lo) > target:
-        raise ValueError(
-            f"target_retention {target} is below the smallest retention {ret(lo):.4f} reachable with "
-            f"s_min={lo_s} for {len(arr)} frame(s) of {height}x{width}"
-        )
-    return at(_largest_within(ret, lo, hi, target, iterations))
-
-
-def _largest_within(ret, lo: float, hi: float, target: float, iterations: int) -> float:
-    """The largest x in [lo, hi] with ret(x) <= target, for a non-decreasing `ret` with ret(lo) <= target."""
-    if ret(hi) <= target:
-        return hi
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if ret(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return transformers.AutoTokenizer.from_pretrained(params.encoder_path)

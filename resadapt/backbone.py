@@ -10,6 +10,7 @@ stock position-id code of transformers and vLLM gives identical positions.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata
 
 from resadapt.processing import build_processor, build_tokenizer, load_processor, save_processor
@@ -164,9 +166,34 @@ def architecture_of(path: str | Path) -> str:
     return model_type
 
 
+# The backbone stage's output for an external checkpoint: a pointer to it (never a 15 GB copy).
+POINTER = "resadapt_backbone.json"
+
+
+def write_pointer(folder: str | Path, checkpoint: str | Path) -> Path:
+    """Make `folder` stand for `checkpoint` (an absolute path is recorded)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / POINTER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}, indent=2))
+    return folder / POINTER
+
+
+def backbone_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint folder `folder` stands for: itself, or the one its pointer file names."""
+    folder = Path(folder)
+    pointer = folder / POINTER
+    if not pointer.exists():
+        return folder
+    try:
+        return Path(json.loads(pointer.read_text())["checkpoint"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{pointer}: not a backbone pointer file ({err})") from None
+
+
 def load_backbone(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load (model, processor) of any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder, offline."""
-    path = Path(path)
+    """Load (model, processor) of any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (or a folder with a
+    pointer file to one), offline."""
+    path = backbone_checkpoint(path)
     arch = architecture_of(path)
     model_cls = getattr(transformers, ARCHITECTURES[arch][1])
     model = model_cls.from_pretrained(path, dtype=dtype or torch.float32).to(device)
@@ -303,6 +330,27 @@ class Generation:
     seconds: float  # wall time of the batch this sample was in, divided by the batch size
 
 
+@dataclass
+class TimedGeneration:
+    """A generation with its seconds split into stages (`preprocess`, `prefill`, `generate`)."""
+
+    generation: Generation
+    timings: dict[str, float]
+
+
+class _StepClock(BaseStreamer):
+    """Records when generate hands over the prompt and each new token (the first one ends the prefill)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
+
+
 class TransformersBackend:
     """Batched greedy generation with transformers (left padding, one batch per `batch_size` prompts)."""
 
@@ -323,27 +371,37 @@ class TransformersBackend:
         }
 
     @torch.inference_mode()
-    def generate(self, visuals: list[VisualInput], questions: list[str]) -> list[Generation]:
-        import time
-
-        out: list[Generation] = []
+    def generate_timed(self, visuals: list[VisualInput], questions: list[str]) -> list[TimedGeneration]:
+        """Greedy answers, each batch's time split into preprocess / prefill (to the first new token) /
+        generate and divided evenly over its samples."""
+        out: list[TimedGeneration] = []
         for i in range(0, len(visuals), self.batch_size):
             vis, qs = visuals[i : i + self.batch_size], questions[i : i + self.batch_size]
             t0 = time.perf_counter()
             batch = build_inputs(self.processor, vis, qs, question_first=self.question_first)
+            t1 = time.perf_counter()
+            clock = _StepClock()
             seq = self.model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
+                streamer=clock,
             )
-            dt = (time.perf_counter() - t0) / len(vis)
-            new = seq[:, batch["input_ids"].shape[1] :]
-            texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-            ids = batch["input_ids"]
-            mask = batch["attention_mask"].bool()
+            t3 = time.perf_counter()
+            t2 = clock.times[1] if len(clock.times) > 1 else t3
+            n = len(vis)
+            timings = {"preprocess": (t1 - t0) / n, "prefill": (t2 - t1) / n, "generate": (t3 - t2) / n}
+            texts = self.processor.tokenizer.batch_decode(
+                seq[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
             for j, text in enumerate(texts):
                 row = ids[j][mask[j]].tolist()
                 n_vis = sum(t in self.visual_ids for t in row)
-                out.append(Generation(text.strip(), n_vis, len(row), dt))
+                gen = Generation(text.strip(), n_vis, len(row), (t3 - t0) / n)
+                out.append(TimedGeneration(gen, dict(timings)))
         return out
+
+    def generate(self, visuals: list[VisualInput], questions: list[str]) -> list[Generation]:
+        return [t.generation for t in self.generate_timed(visuals, questions)]

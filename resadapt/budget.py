@@ -1,4 +1,4 @@
-"""Visual budget operators (resize, frame selection) and exact visual-token accounting.
+"""Visual budget operators and all visual-token arithmetic: one home for the heart of the method.
 
 The operators act on decoded frames *before* the unchanged Qwen-VL processor sees them, so the backbone
 keeps its native token interface (design decision 1). Qwen2.5-VL fuses `temporal_patch_size` consecutive
@@ -7,18 +7,27 @@ is applied per chunk of `temporal_patch_size` frames (scale = mean of its frames
 becomes its own video item. Tokens are counted exactly as the processor's `video_grid_thw` will count them,
 and retention is always measured against the same frames unmodified (design decision 2), never estimated
 from the mean scale.
+
+Here: the resize operator (`resize_video`, `resize_image`) and its application to a decoded sample
+(`Plan` -> `realise`); token counts (`video_tokens`, `image_tokens`, `allocation_tokens`); retention; the
+token saturation scale (above it a scale adds no tokens); the largest scale within a token limit
+(`largest_scale`, `uniform_scale_for_retention`); and the hard budget (`hard_budget_scales`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from resadapt.backbone import VisualInput
+from resadapt.data.sample import LoadedSample
 from resadapt.processing import smart_resize
 
 __all__ = [
@@ -28,16 +37,23 @@ __all__ = [
     "chunk_scales",
     "resize_video",
     "resize_image",
-    "select_topk",
-    "select_threshold",
-    "select_chunks_topk",
-    "frames_of_chunks",
-    "drop_frames",
     "video_tokens",
     "image_tokens",
     "retention",
     "retention_of_tokens",
     "uniform_scale_for_retention",
+    "scale_breakpoints",
+    "largest_scale",
+    "image_scale_for_retention",
+    "video_scale_for_retention",
+    "token_saturation_scale",
+    "clip_to_saturation",
+    "allocation_tokens",
+    "allocation_retention",
+    "hard_budget_scales",
+    "Plan",
+    "Realised",
+    "realise",
 ]
 
 # Qwen's reference pixel limits (reference-implementation.md §2.3): videos 768 tokens, images 16384 tokens.
@@ -357,86 +373,6 @@ def resize_image(image: np.ndarray, scale: float, geom: VisionGeometry) -> tuple
     return out, (h // geom.factor) * (w // geom.factor)
 
 
-def _check_scores(scores: Any, name: str = "scores") -> np.ndarray:
-    arr = _as_float_array(scores, name)
-    if len(arr) == 0:
-        raise ValueError(f"{name} is empty: nothing to select from")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-    return arr
-
-
-def select_topk(scores: Sequence[float] | np.ndarray, k: int) -> list[int]:
-    """Indices of the k highest scores in time order (ties: earlier index first; k clipped to [1, len]).
-
-    Frame selection is the zero-budget limit of resizing (a dropped frame costs nothing); keeping at least
-    one frame means the model always sees something.
-    """
-    arr = _check_scores(scores)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer, got {k!r}")
-    k = min(max(int(k), 1), len(arr))
-    order = np.argsort(-arr, kind="stable")  # stable: equal scores keep time order
-    return sorted(int(i) for i in order[:k])
-
-
-def select_threshold(scores: Sequence[float] | np.ndarray, threshold: float) -> list[int]:
-    """Indices whose score is >= threshold, in time order.
-
-    If no score reaches the threshold the single best (earliest on ties) is kept, so the model still sees
-    one frame instead of an empty video the processor cannot encode.
-    """
-    arr = _check_scores(scores)
-    t = float(threshold)
-    if math.isnan(t):
-        raise ValueError("threshold must not be NaN")
-    keep = [int(i) for i in np.flatnonzero(arr >= t)]
-    return keep or [int(np.argmax(arr))]
-
-
-def select_chunks_topk(chunk_scores: Sequence[float] | np.ndarray, k: int) -> list[int]:
-    """Indices of the k best chunks (temporal patches), in time order; use `frames_of_chunks` to expand.
-
-    Selecting whole chunks keeps the surviving frames on the backbone's temporal-patch grid.
-    """
-    return select_topk(_check_scores(chunk_scores, "chunk_scores"), k)
-
-
-def frames_of_chunks(chunk_indices: Sequence[int], num_frames: int, temporal_patch_size: int) -> list[int]:
-    """Frame positions covered by the given chunks of a `num_frames` video (last chunk may be short)."""
-    tp = int(temporal_patch_size)
-    n_chunks = math.ceil(int(num_frames) / tp)
-    out: list[int] = []
-    for c in sorted(set(int(c) for c in chunk_indices)):
-        if not 0 <= c < n_chunks:
-            raise ValueError(f"chunk index {c} out of range for {num_frames} frames ({n_chunks} chunks)")
-        out.extend(range(c * tp, min((c + 1) * tp, int(num_frames))))
-    return out
-
-
-def drop_frames(
-    frames: np.ndarray, keep_indices: Sequence[int], geom: VisionGeometry, scale: float = 1.0
-) -> TransformedVideo:
-    """Keep only `keep_indices` (grouped in time order into chunks of temporal_patch_size), all at `scale`.
-
-    Retention of the result is measured against the whole input video, so dropping half the chunks at
-    scale 1 reports about 0.5.
-    """
-    frames = _check_frames(frames)
-    s = _check_scale(scale)
-    idx = [int(i) for i in np.asarray(keep_indices).reshape(-1)]
-    if not idx:
-        raise ValueError("keep_indices is empty: keep at least one frame")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"keep_indices has duplicates: {sorted(idx)}")
-    bad = [i for i in idx if not 0 <= i < frames.shape[0]]
-    if bad:
-        raise ValueError(f"keep_indices {bad} out of range for {frames.shape[0]} frames")
-    idx.sort()
-    n_chunks = math.ceil(len(idx) / geom.temporal_patch_size)
-    return _chunked(frames, idx, [s] * n_chunks, geom, frames.shape[0])
-
-
 def video_tokens(num_frames: int, height: int, width: int, geom: VisionGeometry, scale: float = 1.0) -> int:
     """Tokens of a `num_frames` video of `height` x `width` at a uniform scale: ceil(T/tp)*(h/f)*(w/f)."""
     if int(num_frames) < 1:
@@ -463,8 +399,8 @@ def retention_of_tokens(tokens: int, reference_tokens: int) -> float:
 def retention(transformed: TransformedVideo, geom: VisionGeometry) -> float:
     """Measured retention: visual tokens fed / tokens of the whole input video unmodified.
 
-    For `resize_video` the reference is every chunk at scale 1 with the same chunking; for `drop_frames`
-    it also counts the dropped frames, since they are part of the unmodified input.
+    The reference is every input frame at scale 1 with the same chunking, so frames a plan dropped still
+    count: they are part of the unmodified input.
     """
     return retention_of_tokens(transformed.visual_tokens, transformed.reference_tokens(geom))
 
@@ -497,10 +433,7 @@ def uniform_scale_for_retention(
 
     if ret(top) <= t:
         return top
-    points = {0.0, top}
-    for side in (height, width):
-        points.update(k / side for k in range(1, math.floor(side * top) + 1))
-    grid = sorted(p for p in points if p <= top)
+    grid = sorted({0.0, top} | scale_breakpoints(height, width, top))
     for lo, hi in zip(reversed(grid[:-1]), reversed(grid[1:]), strict=True):
         if hi - lo <= 0:
             continue
@@ -511,3 +444,306 @@ def uniform_scale_for_retention(
         f"target retention {t} is below the smallest reachable retention {ret(grid[1] / 2):.4f} "
         f"for {num_frames} frames of {height}x{width}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scales within a token limit. The size at scale s depends on s only through floor(H*s) and floor(W*s), so
+# every token count is a step function of s that can change only at s = k/H or k/W.
+
+
+def scale_breakpoints(height: int, width: int, top: float) -> set[float]:
+    """Every scale k/H, k/W in (0, top] at which a `height` x `width` frame's resized size can change."""
+    return {k / side for side in (int(height), int(width)) for k in range(1, math.floor(side * top) + 1)}
+
+
+def largest_scale(
+    tokens_of: Callable[[float], int], limit: int, height: int, width: int, top: float = 1.0
+) -> float | None:
+    """Largest scale in (0, top] with tokens_of(scale) <= limit, or None (checked at every breakpoint)."""
+    for s in sorted({top} | scale_breakpoints(height, width, top), reverse=True):
+        if tokens_of(s) <= limit:
+            return s
+    return None
+
+
+def image_scale_for_retention(target: float, height: int, width: int, geom: VisionGeometry) -> float:
+    """Largest image scale whose tokens are <= target * tokens at full size (at least the smallest image)."""
+    ref = image_tokens(height, width, geom)
+    s = largest_scale(lambda x: image_tokens(height, width, geom, x), math.floor(target * ref), height, width)
+    return s if s is not None else 1.0 / max(height, width)
+
+
+def video_scale_for_retention(
+    target: float, height: int, width: int, num_frames: int, geom: VisionGeometry
+) -> float:
+    """The FixedScale scale: the largest uniform scale whose measured retention is <= target, or the
+    processor's smallest frame when even that keeps more."""
+    try:
+        return uniform_scale_for_retention(target, height, width, num_frames, geom)
+    except ValueError:
+        return float(geom.min_pixels**0.5 / max(height, width))
+
+
+@functools.lru_cache(maxsize=4096)
+def _saturation(height: int, width: int, geom: VisionGeometry, s_max: float) -> float:
+    tp = geom.temporal_patch_size
+
+    def tokens(s: float) -> int:
+        return video_tokens(tp, height, width, geom, s)
+
+    # constant on [breakpoint, next breakpoint): one probe per interval
+    points = sorted({0.0, s_max} | {p for p in scale_breakpoints(height, width, s_max) if p < s_max})
+    candidates = [(lo, tokens((lo + hi) / 2)) for lo, hi in zip(points[:-1], points[1:], strict=True)]
+    candidates.append((s_max, tokens(s_max)))
+    best = max(t for _, t in candidates)
+    lo = next(p for p, t in candidates if t == best)
+    if lo == 0.0:
+        return 0.0  # no scale in (0, s_max] changes the token count
+    s = lo
+    for _ in range(8):  # k/side * side may floor to k - 1 in floating point: step just inside the interval
+        if tokens(s) == best:
+            return s
+        s = math.nextafter(s, math.inf)
+    return lo + (points[points.index(lo) + 1] - lo) / 2 if lo < s_max else lo
+
+
+def token_saturation_scale(height: int, width: int, geom: VisionGeometry, s_max: float) -> float:
+    """Smallest scale in (0, s_max] at which a `height` x `width` frame reaches its largest token count.
+
+    Above it no scale adds tokens (the frame is at the processor's pixel cap), so the cost proxy and the
+    operator clip scales there (design decision 2, reference §8.2). Qwen's smart_resize is *not* monotone at
+    the cap (112x112 with max_pixels 112*112: 16 tokens at s=1 but 9 at s=1.34), so this is the smallest
+    scale reaching the *maximum* count, not the count at s_max. Exact; cached per (height, width, geom, s_max).
+    """
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"frame size must be positive, got height={height}, width={width}")
+    return _saturation(int(height), int(width), geom, _check_scale(s_max, "s_max"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-frame allocations: tokens, retention, saturation clip and the hard budget.
+
+_U_EPS = 1e-6  # the Beta latent is kept in [eps, 1 - eps], as the Allocator and CAPO keep it
+
+
+def _check_allocation(scales: Any, name: str = "scales") -> np.ndarray:
+    if hasattr(scales, "detach"):
+        scales = scales.detach().cpu().numpy()
+    arr = np.asarray(scales, dtype=np.float64)
+    if arr.ndim != 1 or len(arr) == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D per-frame allocation, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be positive and finite")
+    return arr
+
+
+def _is_image(scales: np.ndarray, image: bool | None) -> bool:
+    if image is None:
+        return len(scales) == 1
+    if image and len(scales) != 1:
+        raise ValueError(f"image=True needs exactly one scale, got {len(scales)}")
+    return bool(image)
+
+
+def allocation_tokens(
+    scales: Sequence[float] | np.ndarray,
+    height: int,
+    width: int,
+    geom: VisionGeometry,
+    image: bool | None = None,
+) -> int:
+    """Visual tokens the backbone gets for a per-frame allocation, exactly as `resize_video` (chunk k at the
+    mean scale of its frames) or `resize_image` (one scale; `image=None`: when T = 1)."""
+    arr = _check_allocation(scales)
+    if _is_image(arr, image):
+        return image_tokens(height, width, geom, float(arr[0]))
+    tp = geom.temporal_patch_size
+    sizes = [min(tp, len(arr) - i) for i in range(0, len(arr), tp)]
+    return sum(
+        video_tokens(n, height, width, geom, s) for n, s in zip(sizes, chunk_scales(arr, tp), strict=True)
+    )
+
+
+def allocation_retention(
+    scales: Sequence[float] | np.ndarray,
+    height: int,
+    width: int,
+    geom: VisionGeometry,
+    image: bool | None = None,
+) -> float:
+    """Measured retention of an allocation: its tokens / tokens of the same frames unmodified."""
+    arr = _check_allocation(scales)
+    ref = allocation_tokens(np.ones_like(arr), height, width, geom, image)
+    return retention_of_tokens(allocation_tokens(arr, height, width, geom, image), ref)
+
+
+def clip_to_saturation(
+    scales: Sequence[float] | np.ndarray, height: int, width: int, geom: VisionGeometry, s_max: float
+) -> np.ndarray:
+    """Clip scales at the smallest scale that already gives a frame its most tokens.
+
+    Above it a scale adds nothing, and at the pixel cap smart_resize's flooring can even take tokens away:
+    a 224 px frame under a 224^2 cap is 224 px at s = 1 and at s = 1.25, but 196 px at s = 1.2499 (floor(279)
+    is scaled back below 224 and floored to 7 x 28). The Allocator's actions above 1 must not cost it the
+    frame it asked for, so the operator gets clipped scales (the cost proxy clips at the same point).
+    """
+    arr = _check_allocation(scales)
+    return np.minimum(arr, token_saturation_scale(int(height), int(width), geom, float(s_max)))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def hard_budget_scales(
+    scales: Sequence[float] | np.ndarray,
+    height: int,
+    width: int,
+    geom: VisionGeometry,
+    target_retention: float,
+    s_min: float,
+    s_max: float,
+    image: bool | None = None,
+    iterations: int = 60,
+    mode: str = "sharpen",
+) -> np.ndarray:
+    """Rescale a deterministic allocation so its measured retention is as close to `target_retention` as
+    possible without exceeding it, keeping the ranking of the temporal chunks (the unit the operator resizes:
+    every frame of a chunk gets the chunk's rescaled mean scale).
+
+    Each scale is mapped to the latent u and transformed monotonically in logit space z = logit(u):
+    `mode="shift"`: u' = sigmoid(z + b); `mode="sharpen"` (default): u' = sigmoid((z - z_top) / tau + 13.8),
+    which pins the top-ranked chunk at s_max and lowers the others along the allocation's own ranking as tau
+    shrinks, so a tight budget still gives the most important chunk full resolution (a shift would lower every
+    chunk together). If even the top chunk alone at s_max exceeds the target, sharpen falls back to shift.
+    The free parameter (b or log tau) is found by bisection (the largest value whose retention <= target).
+    Token counts are step functions of the scale, so the result lands within one chunk's token step below
+    the target. A single scale (T = 1) is treated as an image (its pixel limits) unless `image=False`. Input
+    scales outside [s_min, s_max] are clipped into it first (the latent must lie in (0, 1)).
+    Raises ValueError when the target is outside (0, 1] or below what all-s_min allocations keep.
+    """
+    try:
+        target = float(target_retention)
+    except (TypeError, ValueError):
+        raise ValueError(f"target_retention must be a number in (0, 1], got {target_retention!r}") from None
+    if not math.isfinite(target) or not 0.0 < target <= 1.0:
+        raise ValueError(f"target_retention must be in (0, 1], got {target_retention!r}")
+    lo_s = _check_scale(s_min, "hard_budget_scales.s_min")
+    hi_s = _check_scale(s_max, "hard_budget_scales.s_max")
+    if lo_s >= hi_s:
+        raise ValueError(f"hard_budget_scales: s_min ({lo_s}) must be below s_max ({hi_s})")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if mode not in ("sharpen", "shift"):
+        raise ValueError(f"hard_budget_scales: mode must be 'sharpen' or 'shift', got {mode!r}")
+    arr = _check_allocation(scales)
+    is_image = _is_image(arr, image)
+    ref = allocation_tokens(np.ones_like(arr), height, width, geom, is_image)
+    # The operator resizes per temporal chunk (mean of its frames' scales), so a video is rescaled chunk by
+    # chunk: ranking frames instead could pin one frame of a chunk high and let its partner drag it down.
+    if is_image:
+        frames_of = np.zeros(1, dtype=int)
+        units = arr
+    else:
+        tp = geom.temporal_patch_size
+        frames_of = np.arange(len(arr)) // tp
+        units = np.asarray(chunk_scales(arr, tp), dtype=np.float64)
+    cap = hi_s if is_image else token_saturation_scale(int(height), int(width), geom, hi_s)
+    u = np.clip((units - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
+    z = (np.log(u) - np.log1p(-u))[frames_of]
+
+    def ratio(scales: np.ndarray) -> float:
+        return allocation_tokens(scales, height, width, geom, is_image) / ref
+
+    if mode == "sharpen" and len(units) > 1:
+        pin = -math.log(_U_EPS)  # logit(1 - eps): the top frame at s_max
+
+        def sharp(log_tau: float) -> np.ndarray:
+            return np.minimum(lo_s + _sigmoid((z - z.max()) / math.exp(log_tau) + pin) * (hi_s - lo_s), cap)
+
+        if ratio(sharp(-20.0)) <= target:
+            return sharp(_largest_within(lambda t: ratio(sharp(t)), -20.0, 10.0, target, iterations))
+
+    def at(b: float) -> np.ndarray:
+        return np.minimum(lo_s + _sigmoid(z + b) * (hi_s - lo_s), cap)
+
+    lo, hi = -50.0, 50.0  # |logit u| <= 13.9, so these pin every frame to s_min / s_max
+    if ratio(at(lo)) > target:
+        raise ValueError(
+            f"target_retention {target} is below the smallest retention {ratio(at(lo)):.4f} reachable with "
+            f"s_min={lo_s} for {len(arr)} frame(s) of {height}x{width}"
+        )
+    return at(_largest_within(lambda b: ratio(at(b)), lo, hi, target, iterations))
+
+
+def _largest_within(ret, lo: float, hi: float, target: float, iterations: int) -> float:
+    """The largest x in [lo, hi] with ret(x) <= target, for a non-decreasing `ret` with ret(lo) <= target."""
+    if ret(hi) <= target:
+        return hi
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if ret(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The operator on a decoded sample.
+
+
+@dataclass
+class Plan:
+    """A decision for one sample: kept frame positions (None: all) and one scale per kept frame (one for an
+    image); `keep_ratio`: fraction of visual tokens kept after the encoder (token pruning, else 1);
+    `timings`: seconds the deciding method spent on this sample (e.g. allocator encode / predict)."""
+
+    scales: np.ndarray
+    frames: list[int] | None = None
+    keep_ratio: float = 1.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Realised:
+    """A plan applied: what the processor gets, its visual tokens and the unmodified reference."""
+
+    visual: VisualInput
+    tokens: int  # visual tokens of the input (before any post-encoder pruning)
+    reference_tokens: int  # the same frames unmodified
+    frame_scales: list[float]  # per decoded frame: its scale, 0 for a dropped frame (heatmaps)
+    apply_seconds: float = 0.0
+
+    @property
+    def retention(self) -> float:
+        return retention_of_tokens(self.tokens, self.reference_tokens)
+
+
+def realise(sample: LoadedSample, plan: Plan | np.ndarray, geom: VisionGeometry) -> Realised:
+    """Apply a plan (or bare per-frame scales) to a sample; tokens counted as the processor will count them."""
+    if not isinstance(plan, Plan):
+        plan = Plan(scales=np.asarray(plan))
+    t0 = time.perf_counter()
+    scales = np.asarray(plan.scales, dtype=np.float64)
+    if sample.is_image:
+        if plan.frames not in (None, [0]) or len(scales) != 1:
+            raise ValueError(
+                f"plan for image sample {sample.row['id']} must have one scale and no frame list"
+            )
+        img, tokens = resize_image(sample.frames, float(scales[0]), geom)
+        ref = image_tokens(*sample.size, geom)
+        return Realised(VisualInput(image=img), tokens, ref, [float(scales[0])], time.perf_counter() - t0)
+    n = len(sample.frames)
+    frames = list(range(n)) if plan.frames is None else [int(f) for f in plan.frames]
+    if len(frames) != len(scales):
+        raise ValueError(f"plan for {sample.row['id']}: {len(frames)} frames but {len(scales)} scales")
+    if not frames or sorted(set(frames)) != frames or frames[0] < 0 or frames[-1] >= n:
+        raise ValueError(f"plan for {sample.row['id']}: frames must be increasing positions in [0, {n})")
+    tv = resize_video(sample.frames[frames], scales, geom)
+    times = [sample.frame_indices[frames[idx[0]]] / sample.fps for idx in tv.chunk_frame_indices]
+    per_frame = np.zeros(n)
+    per_frame[frames] = scales
+    visual = VisualInput(chunks=tv.chunks, chunk_times=times, fps=sample.fps)
+    ref = video_tokens(n, *sample.size, geom)
+    return Realised(visual, tv.visual_tokens, ref, per_frame.tolist(), time.perf_counter() - t0)

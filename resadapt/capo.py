@@ -17,14 +17,13 @@ the advantage of correct allocations, so cost can never push probability away fr
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from resadapt.budget import VisionGeometry, video_tokens
+from resadapt.config import CAPOConfig
 
 __all__ = [
     "CAPOConfig",
@@ -35,7 +34,6 @@ __all__ = [
     "capo_advantage",
     "no_cost_advantage",
     "lagrangian_advantage",
-    "token_saturation_scale",
     "proxy_cost",
     "beta_log_prob",
     "ppo_frame_loss",
@@ -71,49 +69,6 @@ def _check_number(
     if hi is not None and (v >= hi if hi_open else v > hi):
         raise ValueError(f"{owner}.{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
     return v
-
-
-@dataclass(frozen=True)
-class CAPOConfig:
-    """CAPO hyperparameters; defaults are the authors' (`capo_acc`, reference §3.3).
-
-    `target_cost` is c* (normalised proxy cost the pivot is pulled toward), `encouragement` is lambda_enc,
-    `gas` the linear global cost pressure, `s_min`/`s_max` the scale range that normalises the cost.
-    `apply_floor=False` is the authors' `noclamp` ablation.
-    """
-
-    alpha_mix: float = 0.5
-    target_cost: float = 0.4
-    tau: float = 0.15
-    encouragement: float = 0.25
-    right_scale: float = 0.7
-    wrong_scale: float = 1.3
-    acc_pow: float = 0.5
-    acc_floor: float = 0.05
-    wrong_pow: float = 1.0
-    gas: float = 0.05
-    correct_threshold: float = 0.35
-    correct_floor: float = 0.001
-    s_min: float = 0.2
-    s_max: float = 2.0
-    apply_floor: bool = True
-
-    def __post_init__(self) -> None:
-        o = "CAPOConfig"
-        _check_number(o, "alpha_mix", self.alpha_mix, 0.0, 1.0)
-        _check_number(o, "target_cost", self.target_cost, 0.0, 1.0)
-        _check_number(o, "tau", self.tau, 0.0, lo_open=True)
-        for name in ("encouragement", "right_scale", "wrong_scale", "acc_pow", "wrong_pow", "gas"):
-            _check_number(o, name, getattr(self, name), 0.0)
-        _check_number(o, "acc_floor", self.acc_floor, 0.0, 1.0)
-        _check_number(o, "correct_threshold", self.correct_threshold, 0.0, 1.0, hi_open=True)
-        _check_number(o, "correct_floor", self.correct_floor, 0.0)
-        _check_number(o, "s_min", self.s_min, 0.0, lo_open=True)
-        _check_number(o, "s_max", self.s_max, 0.0, lo_open=True)
-        if self.s_max <= self.s_min:
-            raise ValueError(f"CAPOConfig.s_max ({self.s_max}) must be > CAPOConfig.s_min ({self.s_min})")
-        if not isinstance(self.apply_floor, bool):
-            raise ValueError(f"CAPOConfig.apply_floor must be a bool, got {self.apply_floor!r}")
 
 
 @dataclass(frozen=True)
@@ -261,46 +216,6 @@ def lagrangian_advantage(acc: torch.Tensor, cost: torch.Tensor, lam: float) -> t
     lam = _check_number("lagrangian_advantage", "lam", lam)
     a, c = _group_pair(acc, cost)
     return group_zscore(a - lam * c)
-
-
-@functools.lru_cache(maxsize=4096)
-def _saturation(height: int, width: int, geom: VisionGeometry, s_max: float) -> float:
-    tp = geom.temporal_patch_size
-
-    def tokens(s: float) -> int:
-        return video_tokens(tp, height, width, geom, s)
-
-    # The size depends on s only through floor(H*s) and floor(W*s): constant on [k/side, next breakpoint).
-    cuts = {k / side for side in (height, width) for k in range(1, math.floor(side * s_max) + 1)}
-    points = sorted({0.0, s_max} | {p for p in cuts if 0.0 < p < s_max})
-    candidates = [(lo, tokens((lo + hi) / 2)) for lo, hi in zip(points[:-1], points[1:], strict=True)]
-    candidates.append((s_max, tokens(s_max)))
-    best = max(t for _, t in candidates)
-    lo = next(p for p, t in candidates if t == best)
-    if lo == 0.0:
-        return 0.0  # no scale in (0, s_max] changes the token count
-    s = lo
-    for _ in range(8):  # k/side * side may floor to k - 1 in floating point: step just inside the interval
-        if tokens(s) == best:
-            return s
-        s = math.nextafter(s, math.inf)
-    return lo + (points[points.index(lo) + 1] - lo) / 2 if lo < s_max else lo
-
-
-def token_saturation_scale(height: int, width: int, geom: VisionGeometry, s_max: float) -> float:
-    """Smallest scale in (0, s_max] at which a `height` x `width` frame reaches its largest token count.
-
-    Above it no scale adds tokens (the frame is at the processor's pixel cap), so the cost proxy clips
-    scales there (design decision 2, reference §8.2). When tokens grow monotonically with the scale this
-    is the smallest scale whose count equals the count at s_max. Qwen's smart_resize is *not* monotone at
-    the cap (e.g. 112x112 with max_pixels 112*112 gives 16 tokens at s=1 but 9 at s=1.34), so we use the
-    maximum count: the count at s_max can be below a count reached earlier. Exact: every breakpoint
-    k/H, k/W of the step function is evaluated. Cached per (height, width, geom, s_max).
-    """
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"frame size must be positive, got height={height}, width={width}")
-    s = _check_number("token_saturation_scale", "s_max", s_max, 0.0, lo_open=True)
-    return _saturation(int(height), int(width), geom, s)
 
 
 def proxy_cost(

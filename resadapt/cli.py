@@ -28,12 +28,12 @@ from resadapt.config import (
 def _train(args) -> int:
     import torch
 
-    from resadapt import rl_stages
-    from resadapt.pipeline import load_stage_backbone
+    from resadapt.backbone import load_backbone
+    from resadapt.stages import train
 
     params = load_params(args.params)
-    model, processor = load_stage_backbone(params)
-    trainer = rl_stages.run(
+    model, processor = load_backbone(params.backbone.path)
+    trainer = train.run(
         params, params.train, model, processor, params.train.checkpoints, args.objective, args.max_steps
     )
     if trainer.accelerator.is_main_process:

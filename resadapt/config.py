@@ -204,14 +204,49 @@ class AllocatorParams(_Section):
         return self
 
 
-class CAPOParams(_Section):
-    """CAPO coefficients (resadapt/capo.py CAPOConfig); unset keys keep the authors' defaults."""
+class CAPOConfig(_Section):
+    """Every CAPO coefficient, defaults the authors' (`capo_acc`, reference-implementation.md §3.3-4.2).
+
+    The one typed config of the method: `params.yaml`'s `train.capo` validates into it, it travels through
+    `CAPOTrainerConfig.capo` and `resadapt.capo` reads it. `target_cost` is c* (normalised proxy cost the
+    pivot is pulled toward), `encouragement` lambda_enc, `gas` the linear global cost pressure;
+    `apply_floor=False` is the authors' `noclamp` ablation. `s_min`/`s_max` normalise the cost: the trainer
+    sets them to the Allocator's range. The regularizers: `concentration_coef` x (mean alpha + beta, the
+    authors' code, or with `concentration_cap` the paper text's soft cap mean relu(alpha + beta - cap)) and
+    `similarity_coef` x the temporal-similarity loss.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     alpha_mix: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     target_cost: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4
     tau: Annotated[float, Field(gt=0.0)] = 0.15
     encouragement: Annotated[float, Field(ge=0.0)] = 0.25
+    right_scale: Annotated[float, Field(ge=0.0)] = 0.7
+    wrong_scale: Annotated[float, Field(ge=0.0)] = 1.3
+    acc_pow: Annotated[float, Field(ge=0.0)] = 0.5
+    acc_floor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    wrong_pow: Annotated[float, Field(ge=0.0)] = 1.0
     gas: Annotated[float, Field(ge=0.0)] = 0.05
+    correct_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.35
+    correct_floor: Annotated[float, Field(ge=0.0)] = 0.001
+    apply_floor: bool = True
+    # set by the trainer from the Allocator (never in params; not dumped, so params round-trip)
+    s_min: Annotated[float, Field(gt=0.0, exclude=True)] = 0.2
+    s_max: Annotated[float, Field(gt=0.0, exclude=True)] = 2.0
+    concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4
+    concentration_cap: Annotated[float, Field(gt=2.0)] | None = None  # alpha, beta >= 1: a cap must exceed 2
+    similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
+
+    @model_validator(mode="after")
+    def _range(self) -> CAPOConfig:
+        if self.s_max <= self.s_min:
+            raise ValueError(f"CAPOConfig.s_max ({self.s_max}) must be > CAPOConfig.s_min ({self.s_min})")
+        return self
+
+    def with_scale_range(self, s_min: float, s_max: float) -> CAPOConfig:
+        """The same coefficients with the cost normalised over [s_min, s_max] (validated)."""
+        return CAPOConfig(**(self.model_dump() | {"s_min": float(s_min), "s_max": float(s_max)}))
 
 
 class RLParams(_Section):
@@ -229,11 +264,7 @@ class RLParams(_Section):
     relevance_metric_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-4  # the prior's bilinear form
     objective: Objective = "capo"
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
-    capo: CAPOParams = CAPOParams()
-    concentration_coef: Annotated[float, Field(ge=0.0)] = 0.02
-    # null: the authors' code, mean(alpha + beta); a number: the paper's soft cap, mean relu(alpha + beta - cap)
-    concentration_cap: Annotated[float, Field(gt=2.0)] | None = None
-    similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
+    capo: CAPOConfig = CAPOConfig()
     joint_training: bool = False
     backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
     eval_steps: PositiveInt = 25
@@ -244,6 +275,8 @@ class RLParams(_Section):
 
     @model_validator(mode="after")
     def _engine(self) -> RLParams:
+        if {"s_min", "s_max"} & self.capo.model_fields_set:
+            raise ValueError("train.capo.s_min / s_max are not set here: CAPO uses allocator.s_min / s_max")
         if self.backend == "vllm" and self.joint_training:
             raise ValueError(
                 "train.backend 'vllm' needs train.joint_training false: the server holds fixed weights "

@@ -17,22 +17,26 @@ def normalise(text: str) -> str:
 
 
 def short_answer_score(prediction: str, answer: str) -> float:
-    """1.0 when the last word of the prediction equals the answer (so 'red 7' and '7' both count for '7')."""
-    words = normalise(prediction).split()
-    return float(bool(words) and words[-1] == normalise(answer))
+    """1.0 when the prediction ends with the answer's words ('red 7' and '7' count for '7'; 'a red car'
+    for 'red car')."""
+    words, target = normalise(prediction).split(), normalise(answer).split()
+    return float(bool(target) and words[-len(target) :] == target)
 
 
 def choice_score(prediction: str, answer: str, options: list[str]) -> float:
-    """Multiple choice: accept the option letter, '(B)', or the option text itself."""
+    """Multiple choice: accept the option text itself, the option letter, or '(B)'.
+
+    The text is matched first: an option reading "A cat" must not be taken for the letter A.
+    """
     pred = prediction.strip()
+    for i, option in enumerate(options):
+        if normalise(pred) == normalise(option):
+            return float(normalise(option) == normalise(answer) or chr(65 + i) == answer.strip())
     m = _LETTER.match(pred)
     if m and options:
         idx = ord(m.group(1)) - 65
         if 0 <= idx < len(options):
             return float(normalise(options[idx]) == normalise(answer) or m.group(1) == answer.strip())
-    for i, option in enumerate(options):
-        if normalise(pred) == normalise(option):
-            return float(normalise(option) == normalise(answer) or chr(65 + i) == answer.strip())
     return short_answer_score(pred, answer)
 
 

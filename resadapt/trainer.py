@@ -39,14 +39,14 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
 from resadapt import capo
-from resadapt.allocator import Allocator, FrameFeatures, clip_to_saturation
+from resadapt.allocator import Allocator, FrameFeatures
 from resadapt.backbone import build_inputs
-from resadapt.budget import VisionGeometry
-from resadapt.calibration import LoadedSample, apply_scales, load_sample
+from resadapt.budget import VisionGeometry, clip_to_saturation, realise, token_saturation_scale
+from resadapt.config import OBJECTIVES, CAPOConfig
+from resadapt.data.sample import LoadedSample, load_sample
 from resadapt.rewards import score
 from resadapt.vllm_backend import Sampling
 
-OBJECTIVES = ("capo", "no_cost", "lagrangian")
 # Keys of the backbone inputs that hold one sample's visual features (flat patch rows or per-item grids).
 _VISUAL_KEYS = (
     "pixel_values_videos",
@@ -61,8 +61,8 @@ _VISUAL_KEYS = (
 class CAPOTrainerConfig(GRPOConfig):
     """`GRPOConfig` plus the Allocator's side of CAPO. `num_generations` is derived: M x N.
 
-    The CAPO coefficients (`capo`, keys of `resadapt.capo.CAPOConfig` except the scale range, which comes from
-    the Allocator) default to the authors' values; the Allocator's PPO clip defaults to theirs too.
+    `capo` is the one typed `resadapt.config.CAPOConfig` (a mapping of its keys is validated into one); its
+    scale range is replaced by the Allocator's. The Allocator's PPO clip defaults to the authors' values.
     """
 
     allocations_per_prompt: int = field(default=8, metadata={"help": "M: allocations drawn per prompt"})
@@ -74,7 +74,7 @@ class CAPOTrainerConfig(GRPOConfig):
     lagrangian_lambda: float = field(
         default=1.0, metadata={"help": "cost weight of the 'lagrangian' objective"}
     )
-    capo: dict = field(default_factory=dict, metadata={"help": "CAPOConfig overrides (e.g. target_cost)"})
+    capo: CAPOConfig = field(default_factory=CAPOConfig, metadata={"help": "CAPO coefficients"})
     allocator_learning_rate: float = 1e-3
     allocator_relevance_learning_rate: float | None = field(
         default=None, metadata={"help": "lr of the Allocator's relevance-prior weights (None: allocator lr)"}
@@ -87,20 +87,16 @@ class CAPOTrainerConfig(GRPOConfig):
     allocator_clip_low: float = 0.2
     allocator_clip_high: float = 0.28
     allocator_dual_clip: float = 10.0
-    concentration_coef: float = 5e-4
-    concentration_cap: float | None = field(
-        default=None,
-        metadata={
-            "help": "None: mean alpha+beta (authors' code); a number: mean relu(alpha+beta-cap) (paper text)"
-        },
-    )
-    similarity_coef: float = 1e-3
     joint_training: bool = field(default=False, metadata={"help": "also train the backbone (ResAdapt-RL)"})
     eval_generate: bool = field(
         default=True, metadata={"help": "validation also answers (greedy) the val rows"}
     )
 
     def __post_init__(self):
+        if isinstance(self.capo, dict):
+            self.capo = CAPOConfig(**self.capo)
+        if not isinstance(self.capo, CAPOConfig):
+            raise ValueError(f"CAPOTrainerConfig.capo must be a CAPOConfig or a mapping, got {self.capo!r}")
         for name in ("allocations_per_prompt", "rollouts_per_allocation"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -112,12 +108,6 @@ class CAPOTrainerConfig(GRPOConfig):
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"CAPOTrainerConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}"
-            )
-        cap = self.concentration_cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 2.0):
-            raise ValueError(
-                f"CAPOTrainerConfig.concentration_cap must be None or a number above 2 (alpha, beta >= 1), "
-                f"got {cap!r}"
             )
         self.num_generations = group = self.allocations_per_prompt * self.rollouts_per_allocation
         if self.per_device_train_batch_size % group:
@@ -141,7 +131,9 @@ class CAPOTrainerConfig(GRPOConfig):
                 "CAPOTrainerConfig.use_vllm: TRL's vLLM generation never sends the per-allocation video "
                 "items; pass CAPOTrainer(rollout_engine=resadapt.vllm_backend.VLLMBackend(...)) instead"
             )
-        capo.CAPOConfig(**{**self.capo, "s_min": 0.1, "s_max": 1.0})  # validate the keys early
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"capo": self.capo.model_dump()}  # JSON-safe, as TrainingArguments expects
 
 
 def answer_reward(completions, task, answer, options, answer_span, **_) -> list[float]:
@@ -281,10 +273,10 @@ class CAPOTrainer(GRPOTrainer):
         self.media_root = Path(media_root)
         self.geometry = VisionGeometry.from_processor(processing_class)
         s_min, s_max = float(allocator.config.s_min), float(allocator.config.s_max)
-        self.capo_config = capo.CAPOConfig(**{**args.capo, "s_min": s_min, "s_max": s_max})
+        self.capo_config = args.capo.with_scale_range(s_min, s_max)
         self.similarity_config = capo.TemporalSimilarityConfig(s_min=s_min, s_max=s_max)
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
-        self._sample_cache: dict[str, LoadedSample] = {}
+        self._samples: dict[str, LoadedSample] = {}
         self._loss_visuals: list[dict] | None = None
         self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order
@@ -309,16 +301,25 @@ class CAPOTrainer(GRPOTrainer):
     def _num_frames(self, row: dict) -> int:
         return int(self.args.num_frames or row["num_frames"] or 1)
 
-    def _prompt(self, row: dict, keep_frames: bool = False) -> _Prompt:
+    def sample(self, row: dict) -> LoadedSample:
+        """A row decoded (cached: the fixed validation and report rows are decoded once)."""
+        key = str(row["id"])
+        if key not in self._samples:
+            self._samples[key] = load_sample(row, self.media_root, self._num_frames(row))
+        return self._samples[key]
+
+    def prompt(self, row: dict, keep_frames: bool = False) -> _Prompt:
         """Decoded frames plus the frozen Allocator features of a row.
 
         Features are cached for every row (the loss forward needs them again); decoded frames only with
         `keep_frames` (the fixed validation rows), because training rows are many and frames are big.
         """
         key = str(row["id"])
-        sample = self._sample_cache.get(key) or load_sample(row, self.media_root, self._num_frames(row))
-        if keep_frames:
-            self._sample_cache[key] = sample
+        sample = (
+            self.sample(row)
+            if keep_frames
+            else self._samples.get(key) or load_sample(row, self.media_root, self._num_frames(row))
+        )
         if key not in self._feature_cache:
             features = self.allocator.encode_frames([sample.frames])
             tok = self.allocator_tokenizer(
@@ -335,7 +336,8 @@ class CAPOTrainer(GRPOTrainer):
         features, query, query_mask = self._feature_cache[key]
         return _Prompt({}, None, features, query, query_mask)  # type: ignore[arg-type]
 
-    def _allocator_batch(self, prompts: list[_Prompt], repeat: int = 1):
+    def allocator_batch(self, prompts: list[_Prompt], repeat: int = 1):
+        """(frame features, query, query mask) of prompts, each repeated `repeat` times, as one batch."""
         feats = FrameFeatures.cat([p.features for p in prompts for _ in range(repeat)])
         q = torch.nn.utils.rnn.pad_sequence(
             [p.query[0] for p in prompts for _ in range(repeat)], batch_first=True
@@ -361,14 +363,14 @@ class CAPOTrainer(GRPOTrainer):
             if group != {str(r["id"])}:
                 raise ValueError(f"rows of prompt group {i} are not one prompt: {sorted(group)}")
         t0 = time.perf_counter()
-        prompts = [self._prompt(r) for r in rows]
+        prompts = [self.prompt(r) for r in rows]
         self.seen_prompts += [str(r["id"]) for r in rows]
         P = len(prompts)
 
         # M allocations per prompt, one shared by its N rollouts (design decision 3).
         self.allocator.eval()
         with torch.no_grad():
-            feats, q, qm = self._allocator_batch(prompts, repeat=M)
+            feats, q, qm = self.allocator_batch(prompts, repeat=M)
             out = self.allocator(feats.tokens, feats.mask, q, qm)
             u, scales, logp = self.allocator.sample(out)
         frame_mask = out.frame_mask
@@ -379,7 +381,8 @@ class CAPOTrainer(GRPOTrainer):
             p = prompts[k // M]
             n = int(frame_mask[k].sum())
             s = self._operator_scales(p.sample, scales[k, :n].cpu().numpy())
-            visual, tok, ref = apply_scales(p.sample, s, self.geometry)
+            r = realise(p.sample, s, self.geometry)
+            visual, tok, ref = r.visual, r.tokens, r.reference_tokens
             visuals.append(visual)
             questions.append(p.row["question"])
             tokens.append(tok)
@@ -555,7 +558,7 @@ class CAPOTrainer(GRPOTrainer):
 
     def _saturation(self, sample: LoadedSample) -> float:
         h, w = sample.frames.shape[-3:-1]
-        return capo.token_saturation_scale(int(h), int(w), self.geometry, self.capo_config.s_max)
+        return token_saturation_scale(int(h), int(w), self.geometry, self.capo_config.s_max)
 
     def _allocation_advantage(self, acc: torch.Tensor, cost: torch.Tensor):
         if self.args.objective == "capo":
@@ -643,7 +646,7 @@ class CAPOTrainer(GRPOTrainer):
         first = inputs["alloc_first"]
         idx = first.nonzero().flatten().tolist()
         prompts = [self._cached_prompt(inputs["sample_id"][i]) for i in idx]
-        feats, q, qm = self._allocator_batch(prompts)
+        feats, q, qm = self.allocator_batch(prompts)
         self.allocator.train()
         out = self.allocator(feats.tokens, feats.mask, q, qm)
         T = out.alpha.shape[1]
@@ -661,11 +664,12 @@ class CAPOTrainer(GRPOTrainer):
             a.allocator_clip_high,
             a.allocator_dual_clip,
         )
-        conc = capo.concentration_loss(out.alpha, out.beta, mask, a.concentration_cap)
+        c = self.capo_config
+        conc = capo.concentration_loss(out.alpha, out.beta, mask, c.concentration_cap)
         sim = capo.temporal_similarity_loss(
             out.frame_features, out.alpha, out.beta, mask, self.similarity_config
         )
-        loss = ppo + a.concentration_coef * conc + a.similarity_coef * sim
+        loss = ppo + c.concentration_coef * conc + c.similarity_coef * sim
         metrics = {"alloc/ppo_loss": ppo.item(), "alloc/sim_loss": sim.item(), "alloc/conc_loss": conc.item()}
         metrics |= {f"alloc/{k}": v.item() for k, v in m.items()}
         return loss, metrics
@@ -709,15 +713,16 @@ class CAPOTrainer(GRPOTrainer):
     def validation_allocations(self, rows: list[dict]) -> list[dict]:
         """Deterministic (Beta-mean) allocation of each row: scales, measured retention, evidence gap."""
         self.allocator.eval()
-        prompts = [self._prompt(r, keep_frames=True) for r in rows]
-        feats, q, qm = self._allocator_batch(prompts)
+        prompts = [self.prompt(r, keep_frames=True) for r in rows]
+        feats, q, qm = self.allocator_batch(prompts)
         out = self.allocator(feats.tokens, feats.mask, q, qm)
         scales = self.allocator.mean_scales(out)
         result = []
         for k, p in enumerate(prompts):
             n = int(out.frame_mask[k].sum())
             s = self._operator_scales(p.sample, scales[k, :n].cpu().numpy())
-            visual, tok, ref = apply_scales(p.sample, s, self.geometry)
+            r = realise(p.sample, s, self.geometry)
+            visual, tok, ref = r.visual, r.tokens, r.reference_tokens
             ev = p.sample.evidence_mask[:n] if not p.sample.is_image else np.array([True])
             result.append(
                 {

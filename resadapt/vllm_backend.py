@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from resadapt.backbone import Generation, VisualInput, build_messages, chunk_metadata
+from resadapt.backbone import (
+    Generation,
+    TimedGeneration,
+    VisualInput,
+    backbone_checkpoint,
+    build_messages,
+    chunk_metadata,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ROOT / ".venvs" / "vllm"
@@ -515,14 +522,9 @@ class VLLMServer:
 def server_from_params(params, run_dir: str | Path | None = None) -> VLLMServer:
     """The (not yet started) server of `params.vllm` for the backbone stage's model: the tiny model folder, or
     the checkpoint its pointer file names (paper profile). `run_dir` overrides `vllm.run_dir`."""
-    from resadapt.pipeline import POINTER
-
-    folder = Path(params.backbone.path)
-    if (folder / POINTER).exists():
-        folder = Path(json.loads((folder / POINTER).read_text())["checkpoint"])
     v = params.vllm
     return VLLMServer(
-        folder,
+        backbone_checkpoint(params.backbone.path),
         run_dir or v.run_dir,
         venv=v.venv,
         startup_timeout=v.startup_timeout_s,
@@ -802,12 +804,12 @@ class VLLMBackend:
         fallback = None if "prompt_token_ids" in response else self.text_only_tokens(visual, question)
         return parse_response(response, self.visual_ids, fallback)
 
-    def generate_timed(self, visuals: Sequence[VisualInput], questions: Sequence[str]) -> list:
-        """Generations (`resadapt.evaluate.TimedGeneration`) with per-sample timings: `preprocess` (encoding
+    def generate_timed(
+        self, visuals: Sequence[VisualInput], questions: Sequence[str]
+    ) -> list[TimedGeneration]:
+        """Generations with per-sample timings: `preprocess` (encoding
         the group's requests here) and `generate` (the group's requests in flight: the server's media
         decoding and preprocessing, prefill and decoding, which the server does not split per request)."""
-        from resadapt.evaluate import TimedGeneration
-
         if len(visuals) != len(questions):
             raise ValueError(f"{len(visuals)} visual inputs but {len(questions)} questions")
         out = []

@@ -24,10 +24,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from resadapt.backbone import TransformersBackend, VisualInput, load_backbone  # noqa: E402
-from resadapt.budget import VisionGeometry  # noqa: E402
-from resadapt.calibration import apply_scales, load_sample  # noqa: E402
+from resadapt.budget import VisionGeometry, realise  # noqa: E402
 from resadapt.config import load_params  # noqa: E402
-from resadapt.rl_stages import rows  # noqa: E402
+from resadapt.data.embedded import split_rows  # noqa: E402
+from resadapt.data.sample import load_sample  # noqa: E402
 from resadapt.vllm_backend import (  # noqa: E402
     VLLMBackend,
     VLLMServer,
@@ -41,17 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_visuals(params, tasks, per_task, scales, geom):
     """{scale: (visuals, questions, operator token counts)} plus the rows, in table order."""
-    table = rows(params, "test", list(tasks), per_task)
+    table = split_rows(params.data.root, "test", list(tasks), per_task)
     samples = [load_sample(r, params.data.root, params.data.num_frames) for r in table]
     out = {}
     for s in scales:
         vis, qs, toks = [], [], []
         for sample in samples:
             n = 1 if sample.is_image else len(sample.frames)
-            v, tokens, _ = apply_scales(sample, np.full(n, float(s)), geom)
-            vis.append(v)
+            r = realise(sample, np.full(n, float(s)), geom)
+            vis.append(r.visual)
             qs.append(sample.row["question"])
-            toks.append(tokens)
+            toks.append(r.tokens)
         out[s] = (vis, qs, toks)
     return out, table
 

@@ -5,23 +5,26 @@ their accuracy. Run from the repository root after `dvc repro train`:
 
     OMP_NUM_THREADS=1 python scripts/top_chunk_evidence.py [params.yaml] [--initial]
 
-`--initial` measures the untrained Allocator instead (`rl_stages.build_allocator`: the relevance prior with
-a zero-initialised head), which shows what training added to the ranking.
+`--initial` measures the untrained Allocator instead (`stages.train.build_allocator`: the relevance prior
+with a zero-initialised head), which shows what training added to the ranking.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import numpy as np
 import torch
 
-from resadapt import rl_stages
-from resadapt.allocator import Allocator, chunk_scales
+from resadapt.allocator import Allocator, query_tokenizer
 from resadapt.backbone import load_backbone
-from resadapt.calibration import chunk_evidence
+from resadapt.baselines import MethodContext
+from resadapt.baselines.allocated import deterministic_allocations
+from resadapt.budget import VisionGeometry, chunk_scales
 from resadapt.config import load_params
+from resadapt.data.embedded import split_rows
+from resadapt.data.sample import load_sample
+from resadapt.stages.train import build_allocator
 
 
 def main(params_file: str = "params.yaml", initial: bool = False) -> None:
@@ -29,18 +32,20 @@ def main(params_file: str = "params.yaml", initial: bool = False) -> None:
     params = load_params(params_file)
     model, processor = load_backbone(params.backbone.path)
     if initial:
-        allocator = rl_stages.build_allocator(params, model)
+        allocator = build_allocator(params, model)
     else:
         allocator = Allocator.from_pretrained(params.allocator.path)
-    tp = params.budget.temporal_patch_size
-    with tempfile.TemporaryDirectory() as out:
-        trainer = rl_stages.make_trainer(params, params.train, model, processor, out, allocator=allocator)
-        rows = rl_stages.rows(params, "test", ["detail_qa"], limit=params.train.test_samples)
-        scales = rl_stages._unclipped_allocations(trainer, rows)
-        hits = 0
-        for row, s in zip(rows, scales, strict=True):
-            evidence = chunk_evidence(trainer._prompt(row, keep_frames=True).sample, tp)
-            hits += bool(evidence[int(np.argmax(chunk_scales(s, tp)))])
+    geom = VisionGeometry.from_processor(processor)
+    tp = geom.temporal_patch_size
+    context = MethodContext(
+        geom, allocator=allocator, allocator_tokenizer=query_tokenizer(params.allocator, processor)
+    )
+    rows = split_rows(params.data.root, "test", ["detail_qa"], params.train.test_samples)
+    samples = [load_sample(r, params.data.root, params.data.num_frames) for r in rows]
+    hits = 0
+    for sample, a in zip(samples, deterministic_allocations(context, samples), strict=True):
+        # the unclipped scales: clipping at token saturation ties the top chunks
+        hits += bool(sample.chunk_evidence(tp)[int(np.argmax(chunk_scales(a.raw, tp)))])
     which = "untrained" if initial else "trained"
     print(
         f"{which} Allocator: top-ranked chunk holds the evidence in {hits} of {len(rows)} detail-QA test "

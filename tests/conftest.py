@@ -1,9 +1,10 @@
-"""Shared test settings."""
+"""Shared test settings and the tiny models and data several test files use, built once per session."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -16,3 +17,40 @@ SMALL_BACKBONE = dict(
     vision_hidden_size=32,
     vision_intermediate_size=64,
 )
+# the tiny benchmark: 112-px frames (4x4 tokens), 8-frame videos, a handful of rows per task and split
+BENCH_FRAME_SIZE, BENCH_FRAMES = 112, 8
+BENCH_SIZES = {
+    "train": dict(card_videos=6, compare_videos=2, grounding_videos=1, images=2, long_videos=1),
+    "val": dict(card_videos=2, compare_videos=1, grounding_videos=1, images=1, long_videos=1),
+    "test": dict(card_videos=2, compare_videos=1, grounding_videos=1, images=1, long_videos=1),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory):
+    """Root of a tiny embedded benchmark (MP4/PNG + tables), written once."""
+    from resadapt.data.embedded import BenchmarkSpec, write_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    spec = BenchmarkSpec(frame_size=BENCH_FRAME_SIZE, num_frames=BENCH_FRAMES)
+    write_benchmark(root, spec, BENCH_SIZES, seed=0, progress=False, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A saved tiny Qwen2.5-VL (SMALL_BACKBONE, pixels capped at the benchmark's 112 x 112), built once."""
+    from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone, save_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
+    return save_backbone(model, processor, tmp_path_factory.mktemp("backbone"))
+
+
+@pytest.fixture
+def tiny_backbone(tiny_backbone_dir):
+    """(model, processor): a fresh copy of the session's tiny backbone (tests may train it)."""
+    from resadapt.backbone import load_backbone
+
+    return load_backbone(tiny_backbone_dir)

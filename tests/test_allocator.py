@@ -16,16 +16,20 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from resadapt.allocator import (
-    Allocator,
-    AllocatorConfig,
-    FrameFeatures,
+from resadapt.allocator import Allocator, AllocatorConfig, FrameFeatures
+from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
+from resadapt.budget import (
+    VisionGeometry,
     allocation_retention,
     allocation_tokens,
+    chunk_scales,
+    clip_to_saturation,
     hard_budget_scales,
+    resize_video,
+    retention,
+    scaled_size,
+    video_tokens,
 )
-from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
-from resadapt.budget import VisionGeometry, chunk_scales, resize_video, retention, video_tokens
 from resadapt.capo import beta_log_prob
 
 TRAINABLE_PREFIXES = (
@@ -573,9 +577,6 @@ def test_hard_budget_sharpen_keeps_the_top_chunk_at_full_resolution():
 
 
 def test_clip_to_saturation_keeps_the_frame_the_allocator_asked_for():
-    from resadapt.allocator import clip_to_saturation
-    from resadapt.budget import scaled_size
-
     geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
     assert scaled_size(224, 224, 1.2499, geom) == (196, 196), "the pitfall: flooring at the pixel cap"
     clipped = clip_to_saturation([1.2499, 1.0, 0.5], 224, 224, geom, 1.25)

@@ -12,23 +12,21 @@ from transformers.video_utils import VideoMetadata
 
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import (
+    Plan,
     TransformedVideo,
     VisionGeometry,
     chunk_scales,
-    drop_frames,
-    frames_of_chunks,
     image_tokens,
+    realise,
     resize_image,
     resize_video,
     retention,
     retention_of_tokens,
     scaled_size,
-    select_chunks_topk,
-    select_threshold,
-    select_topk,
     uniform_scale_for_retention,
     video_tokens,
 )
+from resadapt.data.sample import LoadedSample
 from resadapt.processing import smart_resize
 
 # Reference implementation §2.3: video max 768 tokens, min 56x56 pixels.
@@ -212,55 +210,19 @@ def test_min_pixels_branch_can_jump_a_whole_factor():
     assert retention(out, REF_GEOM) == 9 / 4
 
 
-def test_drop_frames_retention_against_whole_input():
+def test_realise_measures_dropped_frames_against_the_whole_input():
     frames = _frames(8, 56, 84)
-    out = drop_frames(frames, [6, 0, 1, 7], TINY_GEOM)
-    assert out.chunk_frame_indices == [[0, 1], [6, 7]]
-    np.testing.assert_array_equal(out.chunks[1], frames[6:8])
-    assert retention(out, TINY_GEOM) == 0.5
-    odd = drop_frames(frames, [0, 3, 5], TINY_GEOM)  # regrouped in time order: [0, 3], [5]
-    assert odd.chunk_frame_indices == [[0, 3], [5]]
-    assert retention(odd, TINY_GEOM) == 0.5
-    small = drop_frames(frames, [0, 1], TINY_GEOM, scale=0.5)
-    assert small.chunk_sizes == [(28, 56)]
-    assert retention(small, TINY_GEOM) == pytest.approx(2 / (4 * 6))
-
-
-@settings(max_examples=60, deadline=None)
-@given(scores=st.lists(st.integers(-3, 3), min_size=1, max_size=20), k=st.integers(-2, 25))
-def test_select_topk_properties(scores, k):
-    keep = select_topk(scores, k)
-    assert len(keep) == min(max(k, 1), len(scores))
-    assert keep == sorted(set(keep))
-    dropped = [i for i in range(len(scores)) if i not in keep]
-    assert all(scores[i] >= scores[j] for i in keep for j in dropped)
-    # ties go to the earlier index
-    assert all(not (scores[i] == scores[j] and j < i) for i in keep for j in dropped)
-
-
-def test_select_topk_ties_prefer_earlier():
-    assert select_topk([1, 1, 1, 1], 2) == [0, 1]
-    assert select_topk([0.1, 0.9, 0.5, 0.9], 2) == [1, 3]
-    assert select_chunks_topk([0.3, 0.1, 0.3], 1) == [0]
-
-
-@settings(max_examples=60, deadline=None)
-@given(scores=st.lists(st.floats(-5, 5), min_size=1, max_size=20), threshold=st.floats(-6, 6))
-def test_select_threshold_properties(scores, threshold):
-    keep = select_threshold(scores, threshold)
-    passing = [i for i, s in enumerate(scores) if s >= threshold]
-    if passing:
-        assert keep == passing
-    else:
-        assert keep == [int(np.argmax(scores))]
-
-
-def test_chunk_selection_expands_to_frames():
-    assert frames_of_chunks([2, 0], num_frames=5, temporal_patch_size=2) == [0, 1, 4]
-    frames = _frames(5, 56, 56)
-    out = drop_frames(frames, frames_of_chunks(select_chunks_topk([0.9, 0.1, 0.5], 2), 5, 2), TINY_GEOM)
-    assert out.chunk_frame_indices == [[0, 1], [4]]
-    assert retention(out, TINY_GEOM) == pytest.approx(2 / 3)
+    row = {"id": "v", "media_type": "video"}
+    sample = LoadedSample(row, frames, list(range(8)), 2.0, np.zeros(8, bool))
+    out = realise(sample, Plan(scales=np.ones(4), frames=[0, 1, 6, 7]), TINY_GEOM)
+    np.testing.assert_array_equal(out.visual.chunks[1], frames[6:8])
+    assert out.visual.chunk_times == [0.0, 3.0]
+    assert out.retention == 0.5 and out.frame_scales == [1, 1, 0, 0, 0, 0, 1, 1]
+    small = realise(sample, Plan(scales=np.full(2, 0.5), frames=[0, 1]), TINY_GEOM)
+    assert small.visual.chunks[0].shape[1:3] == (28, 56)
+    assert small.retention == pytest.approx(2 / (4 * 6))
+    with pytest.raises(ValueError, match="increasing"):
+        realise(sample, Plan(scales=np.ones(2), frames=[1, 0]), TINY_GEOM)
 
 
 @settings(max_examples=40, deadline=None)
@@ -316,24 +278,12 @@ def test_errors_name_the_argument():
         resize_image(frames[0], 0.0, TINY_GEOM)
     with pytest.raises(ValueError, match="image"):
         resize_image(frames, 1.0, TINY_GEOM)
-    with pytest.raises(ValueError, match="keep_indices"):
-        drop_frames(frames, [0, 0], TINY_GEOM)
-    with pytest.raises(ValueError, match="keep_indices"):
-        drop_frames(frames, [3], TINY_GEOM)
-    with pytest.raises(ValueError, match="keep_indices"):
-        drop_frames(frames, [], TINY_GEOM)
-    with pytest.raises(ValueError, match="scores"):
-        select_topk([], 1)
-    with pytest.raises(ValueError, match="scores"):
-        select_threshold([0.1, float("nan")], 0.0)
     with pytest.raises(ValueError, match="target"):
         uniform_scale_for_retention(1e-6, 100, 100, 4, TINY_GEOM)
     with pytest.raises(ValueError, match="target"):
         uniform_scale_for_retention(0.0, 100, 100, 4, TINY_GEOM)
     with pytest.raises(ValueError, match="max_pixels"):
         VisionGeometry(min_pixels=10_000, max_pixels=100)
-    with pytest.raises(ValueError, match="chunk index"):
-        frames_of_chunks([3], num_frames=5, temporal_patch_size=2)
 
 
 def test_transformed_video_counts_partial_chunk():

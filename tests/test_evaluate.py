@@ -8,20 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_BACKBONE
 
 from resadapt import evaluate as E
 from resadapt.allocator import Allocator
-from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
-from resadapt.baselines import METHODS, MethodContext, build_method, realise
+from resadapt.baselines import METHODS, MethodContext, build_method
 from resadapt.baselines.slow_fast import chunk_novelty
-from resadapt.budget import VisionGeometry
-from resadapt.calibration import LoadedSample
+from resadapt.budget import Plan, VisionGeometry, realise
 from resadapt.config import METHODS as CONFIG_METHODS
+from resadapt.data.sample import LoadedSample, load_samples
+from resadapt.stages import evaluate as SE
 
 GEOM = VisionGeometry(max_pixels=224 * 224, min_pixels=28 * 28)
 BUDGETED = [
-    m for m, c in METHODS.items() if c.budgeted and c.pruning is None and m not in E.ALLOCATOR_METHODS
+    m for m, c in METHODS.items() if c.budgeted and c.pruning is None and m not in SE.ALLOCATOR_METHODS
 ]
 
 
@@ -97,8 +96,6 @@ def test_images_get_one_scale_within_budget():
 
 
 def test_realise_rejects_bad_plans():
-    from resadapt.baselines import Plan
-
     with pytest.raises(ValueError, match="frames must be increasing"):
         realise(_video(), Plan(scales=np.ones(2), frames=[3, 1]), GEOM)
     with pytest.raises(ValueError, match="2 frames but 3 scales"):
@@ -111,10 +108,10 @@ def test_realise_rejects_bad_plans():
         build_method("resadapt_hard", MethodContext(GEOM)).plan(_video(), 0.25)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture
+def tiny(tiny_backbone):
+    model, processor = tiny_backbone
     torch.manual_seed(0)
-    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
     allocator = Allocator.from_backbone(model, coarse_size=56, dim=32, depth=1, num_heads=2)
     return model, processor, allocator
 
@@ -204,24 +201,24 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     log = E.ResultsLog(tmp_path / "s.jsonl")
     log.write(_log_rows())
     df = E.read_results(log.path)
-    qa = E.qa_table(df)
+    qa = SE.qa_table(df)
     assert qa.loc[(16, "vanilla", "own"), "detail_qa"] == 75.0
     assert qa.loc[(16, "resadapt_hard", "0.1"), "retention_%"] == 10.0
-    g = E.grounding_table(df).loc[(16, "vanilla", "own"), "grounding"]
+    g = SE.grounding_table(df).loc[(16, "vanilla", "own"), "grounding"]
     assert (g["R@0.3"], g["R@0.5"], g["R@0.7"], g["mIoU"]) == (75.0, 50.0, 25.0, 47.5)
-    metrics = E.stage_metrics(df, _params())
+    metrics = SE.stage_metrics(df, _params())
     assert metrics["grounding"]["16 vanilla own"]["grounding mIoU"] == 47.5
-    json.dumps(metrics, default=E.np_default)
-    checks = E.frontier_checks(df)["rows"]["resadapt_hard@0.1"]
+    json.dumps(metrics, default=SE.np_default)
+    checks = SE.frontier_checks(df)["rows"]["resadapt_hard@0.1"]
     assert checks["accuracy"] == 0.5 and checks["ge_fixed_scale_plus_15_points"]
     assert not checks["ge_90pct_of_oracle"] and not checks["ge_vanilla_minus_2_points"]
-    frames = E.frames_checks(df, 8)["rows"]["32"]
+    frames = SE.frames_checks(df, 8)["rows"]["32"]
     assert frames["relative_gain"] == pytest.approx(0.5) and frames["gain_ge_15pct"]
-    over = E.overhead(df, 32)
+    over = SE.overhead(df, 32)
     assert over["allocator_share"] == pytest.approx((0.02 + 0.01 + 0.01) / 0.08)  # encode, predict, budget
     assert over["speedup_over_vanilla"] == pytest.approx(0.06 / 0.08)
-    lines = E.check_lines(
-        {"frontier_detail_qa": E.frontier_checks(df), "frames_scaling": E.frames_checks(df, 8)}
+    lines = SE.check_lines(
+        {"frontier_detail_qa": SE.frontier_checks(df), "frames_scaling": SE.frames_checks(df, 8)}
     )
     assert any("90% of the Oracle = 90.0: short by 40.0 points" in line for line in lines)
     assert any("+50.0% relative (bar +15%: met)" in line for line in lines)
@@ -236,7 +233,7 @@ def _params(**evaluate):
 
 def test_stage_cells_cover_both_grids():
     params = _params()
-    cells = E.stage_cells(params)
+    cells = SE.stage_cells(params)
     ev = params.evaluate
     main = [c for c in cells if c.grid == "main"]
     unbudgeted = sum(not METHODS[m].budgeted for m in ev.methods)
@@ -260,14 +257,14 @@ def test_a_real_benchmark_is_a_source_of_both_grids(tmp_path):
         write_video(root / "Charades_v1_480" / f"{vid}.mp4", frames, 2.0, overwrite=True)  # over placeholders
     ref = BenchmarkRef(name="charades_sta", root=str(root))
     params = _params(tasks=["detail_qa"], benchmarks=[ref], num_frames=[4, 8], frames_task="charades_sta")
-    cells = E.stage_cells(params)
+    cells = SE.stage_cells(params)
     assert {(c.task, c.frames) for c in cells if c.grid == "main"} == {
         (t, f) for t in ("detail_qa", "charades_sta") for f in (4, 8)
     }
     assert {c.task for c in cells if c.grid == "frames"} == {"charades_sta"}
-    rows, media_root = E.source_rows(params, "charades_sta")
+    rows, media_root = SE.source_rows(params, "charades_sta")
     assert media_root == root and [r["task"] for r in rows] == ["grounding", "grounding"]
-    samples, seconds = E.load_samples(rows, media_root, 8)
+    samples, seconds = load_samples(rows, media_root, 8)
     assert samples[0].frames.shape == (8, 56, 84, 3) and set(seconds) == {r["id"] for r in rows}
 
 
@@ -282,9 +279,9 @@ def test_compare_results_finds_the_differing_samples(tmp_path):
         log = E.ResultsLog(tmp_path / f"{name}.jsonl")
         log.write(data)
         logs.append(E.read_results(log.path))
-    c = E.compare_results(*logs)
+    c = SE.compare_results(*logs)
     assert c["samples"] == len(rows) and c["identical_predictions"] == pytest.approx(1 - 1 / len(rows))
     assert [d["prediction_b"] for d in c["differing"]] == ["3"]
     assert c["max_table_difference"]["qa"] == 25.0 and c["visual_tokens_equal"] == 1.0
     with pytest.raises(ValueError, match="same samples"):
-        E.compare_results(logs[0], logs[1].iloc[1:])
+        SE.compare_results(logs[0], logs[1].iloc[1:])

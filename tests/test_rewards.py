@@ -119,3 +119,19 @@ def test_score_grounding() -> None:
 def test_score_grounding_without_span_raises(span) -> None:
     with pytest.raises(ValueError, match="answer_span"):
         score("grounding", "2.0-5.0", "2.0-5.0", span=span)
+
+
+def test_multi_word_short_answers_match_the_whole_answer():
+    assert score("detail_qa", "a red car", "red car") == 1.0
+    assert score("detail_qa", "red car", "red car") == 1.0
+    assert score("detail_qa", "blue car", "red car") == 0.0
+    assert score("detail_qa", "car", "red car") == 0.0
+
+
+def test_option_text_starting_with_a_is_not_read_as_letter_a():
+    options = ["A cat", "A dog", "Two birds"]
+    assert score("mc", "A dog", "B", options) == 1.0
+    assert score("mc", "A dog", "A dog", options) == 1.0
+    assert score("mc", "A cat", "B", options) == 0.0
+    assert score("mc", "A", "A cat", options) == 1.0  # the bare letter still works
+    assert score("mc", "(B)", "B", options) == 1.0

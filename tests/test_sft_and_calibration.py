@@ -8,8 +8,8 @@ import torch
 from conftest import SMALL_BACKBONE as SMALL
 
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
-from resadapt.budget import VisionGeometry
-from resadapt.calibration import LoadedSample, apply_scales, chunk_evidence, condition_scales
+from resadapt.budget import VisionGeometry, realise
+from resadapt.calibration import condition_scales
 from resadapt.data.embedded import (
     CELL,
     COLOURS,
@@ -19,6 +19,7 @@ from resadapt.data.embedded import (
     detail_question,
     draw_card_video,
 )
+from resadapt.data.sample import LoadedSample
 from resadapt.sft import (
     Example,
     SFTSchedule,
@@ -105,12 +106,14 @@ def test_train_backbone_runs_every_phase_and_changes_weights():
 
 def _sample(evidence: list[bool]) -> LoadedSample:
     frames = np.zeros((len(evidence), 56, 56, 3), dtype=np.uint8)
-    return LoadedSample({"media_type": "video"}, frames, list(range(len(evidence))), 2.0, np.array(evidence))
+    return LoadedSample(
+        {"id": "s", "media_type": "video"}, frames, list(range(len(evidence))), 2.0, np.array(evidence)
+    )
 
 
 def test_oracle_and_anti_oracle_are_complementary_per_chunk():
     s = _sample([False, False, False, True, False, False])  # evidence in chunk 1 (frames 2-3)
-    assert chunk_evidence(s, 2).tolist() == [False, True, False]
+    assert s.chunk_evidence(2).tolist() == [False, True, False]
     oracle = condition_scales("oracle", s, 0.25, 2)
     anti = condition_scales("anti_oracle", s, 0.25, 2)
     assert oracle.tolist() == [0.25, 0.25, 1, 1, 0.25, 0.25]
@@ -120,12 +123,13 @@ def test_oracle_and_anti_oracle_are_complementary_per_chunk():
         condition_scales("magic", s, 0.25, 2)
 
 
-def test_apply_scales_measures_retention_from_tokens():
+def test_realised_conditions_measure_retention_from_tokens():
     geom = VisionGeometry(
         min_pixels=28 * 28, max_pixels=224 * 224, image_min_pixels=28 * 28, image_max_pixels=224 * 224
     )
     s = _sample([True, True, False, False])
-    visual, tokens, ref = apply_scales(s, condition_scales("oracle", s, 0.5, 2), geom)
+    r = realise(s, condition_scales("oracle", s, 0.5, 2), geom)
+    visual, tokens, ref = r.visual, r.tokens, r.reference_tokens
     assert ref == 2 * 4  # two chunks of 2x2 tokens at 56 px
     assert tokens == 4 + 1  # evidence chunk full, the other at 28 px
     assert [c.shape[1] for c in visual.chunks] == [56, 28]

@@ -6,43 +6,43 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 import yaml
-from conftest import SMALL_BACKBONE
 from datasets import Dataset
 
-from resadapt.allocator import Allocator, clip_to_saturation
-from resadapt.backbone import TinyBackboneSpec, build_inputs, build_tiny_backbone, save_backbone
-from resadapt.calibration import apply_scales, load_sample
-from resadapt.data.embedded import BenchmarkSpec, load_benchmark, write_benchmark
+from resadapt.allocator import Allocator
+from resadapt.backbone import build_inputs, load_backbone
+from resadapt.budget import clip_to_saturation, realise
+from resadapt.data.embedded import load_benchmark
+from resadapt.data.sample import load_sample
 from resadapt.trainer import CAPOTrainer, CAPOTrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = BenchmarkSpec(frame_size=112, num_frames=8)
-SIZES = {
-    "train": dict(card_videos=6, compare_videos=2, grounding_videos=1, images=2, long_videos=1),
-    "val": dict(card_videos=2, compare_videos=1, grounding_videos=1, images=1, long_videos=1),
-    "test": dict(card_videos=2, compare_videos=1, grounding_videos=1, images=1, long_videos=1),
-}
 ALLOCATOR = dict(coarse_size=56, dim=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    write_benchmark(root, SPEC, SIZES, seed=0, progress=False, workers=1)
-    return root
+class Bench(NamedTuple):
+    root: Path
+    backbone: Path
+
+
+@pytest.fixture
+def bench(tiny_bench, tiny_backbone_dir) -> Bench:
+    return Bench(tiny_bench, tiny_backbone_dir)
 
 
 def _rows(root, split="train", tasks=("detail_qa", "image_qa")):
     return [dict(r) | {"prompt": r["question"]} for r in load_benchmark(root)[split] if r["task"] in tasks]
 
 
-def _trainer(root, out, seed=0, joint=False, max_steps=2, callbacks=None, engine=None, **kw):
+def _trainer(bench: Bench, out, seed=0, joint=False, max_steps=2, callbacks=None, engine=None, **kw):
+    root = bench.root
+    model, processor = load_backbone(bench.backbone)
+    model.train()  # loaded in eval mode; the Trainer trains it (and rollouts log under "train")
     torch.manual_seed(0)
-    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
     allocator = Allocator.from_backbone(model, **ALLOCATOR)
     args = CAPOTrainerConfig(
         output_dir=str(out),
@@ -106,7 +106,7 @@ def test_config_derives_groups_and_rejects_bad_values(tmp_path):
     bad = [
         ("per_device_train_batch_size", dict(allocations_per_prompt=4, per_device_train_batch_size=4)),
         ("objective", dict(objective="cheap", per_device_train_batch_size=16)),
-        ("concentration_cap", dict(concentration_cap=2.0, per_device_train_batch_size=16)),
+        ("concentration_cap", dict(capo={"concentration_cap": 2.0}, per_device_train_batch_size=16)),
         ("allocations_per_prompt", dict(allocations_per_prompt=1, per_device_train_batch_size=2)),
     ]
     for match, kw in bad:
@@ -116,7 +116,7 @@ def test_config_derives_groups_and_rejects_bad_values(tmp_path):
 
 def test_rollout_batch_and_loss_forward_see_the_generation_pixels(bench, tmp_path):
     trainer = _trainer(bench, tmp_path, joint=True)
-    rows = [r for r in _rows(bench) if r["task"] == "detail_qa"][:1]
+    rows = [r for r in _rows(bench.root) if r["task"] == "detail_qa"][:1]
     batch_rows = [rows[0]] * 4  # one prompt: M=2 allocations x N=2 rollouts
     out = trainer._generate_and_score_completions(batch_rows)
     B = 4
@@ -136,13 +136,13 @@ def test_rollout_batch_and_loss_forward_see_the_generation_pixels(bench, tmp_pat
 
     # Direct forward: rebuild each allocation's input from its latent with the public operator and processor.
     cfg = trainer.allocator.config
-    sample = load_sample(rows[0], bench, rows[0]["num_frames"])
+    sample = load_sample(rows[0], bench.root, rows[0]["num_frames"])
     for i in range(B):
         u = out["alloc_u"][i][out["alloc_mask"][i]].numpy()
         scales = clip_to_saturation(
             cfg.s_min + u * (cfg.s_max - cfg.s_min), 112, 112, trainer.geometry, cfg.s_max
         )
-        visual, _, _ = apply_scales(sample, scales, trainer.geometry)
+        visual = realise(sample, scales, trainer.geometry).visual
         direct = build_inputs(trainer.processing_class, [visual], [rows[0]["question"]])
         comp = out["completion_ids"][i][out["completion_mask"][i].bool()]
         full = torch.cat([direct["input_ids"][0], comp]).unsqueeze(0)
@@ -206,7 +206,7 @@ class ScriptedEngine:
 
 
 def test_rollout_engine_gets_every_allocation_and_its_answers_are_scored(bench, tmp_path):
-    rows = [r for r in _rows(bench) if r["task"] == "detail_qa"][:1]
+    rows = [r for r in _rows(bench.root) if r["task"] == "detail_qa"][:1]
     probe = _trainer(bench, tmp_path / "probe")
     engine = ScriptedEngine(probe.processing_class, {rows[0]["question"]: rows[0]["answer"]})
     trainer = _trainer(bench, tmp_path, temperature=0.7, engine=engine)
@@ -214,7 +214,7 @@ def test_rollout_engine_gets_every_allocation_and_its_answers_are_scored(bench, 
     out = trainer._generate_and_score_completions([rows[0]] * 4)  # M=2 allocations x N=2 rollouts
 
     assert len(engine.requests) == 2  # one request per allocation, N completions each
-    sample = load_sample(rows[0], bench, rows[0]["num_frames"])
+    sample = load_sample(rows[0], bench.root, rows[0]["num_frames"])
     cfg = trainer.allocator.config
     video_id = trainer.model.config.video_token_id
     for k, (visual, question, sampling, limit) in enumerate(engine.requests):
@@ -224,7 +224,7 @@ def test_rollout_engine_gets_every_allocation_and_its_answers_are_scored(bench, 
         scales = clip_to_saturation(
             cfg.s_min + u * (cfg.s_max - cfg.s_min), 112, 112, trainer.geometry, cfg.s_max
         )
-        expected, _, _ = apply_scales(sample, scales, trainer.geometry)
+        expected = realise(sample, scales, trainer.geometry).visual
         assert len(visual.chunks) == len(expected.chunks)
         assert all(
             a.shape == b.shape and (a == b).all() for a, b in zip(visual.chunks, expected.chunks, strict=True)
@@ -258,7 +258,7 @@ def test_rollout_engine_gets_every_allocation_and_its_answers_are_scored(bench, 
 
 
 def test_rollout_engine_with_another_prompt_or_joint_training_is_refused(bench, tmp_path):
-    rows = [r for r in _rows(bench) if r["task"] == "detail_qa"][:1]
+    rows = [r for r in _rows(bench.root) if r["task"] == "detail_qa"][:1]
     probe = _trainer(bench, tmp_path / "probe")
     answers = {rows[0]["question"]: rows[0]["answer"]}
     shifted = ScriptedEngine(probe.processing_class, answers, prompt_shift=1)
@@ -344,12 +344,10 @@ def test_accelerate_two_processes(bench, tmp_path):
     On a machine without GPUs, accelerate 1.15 starts two (gloo) processes with `--multi_gpu`; its `--cpu`
     launcher starts only one unless MPI is set up (`--mpirun_hostfile`), which is why this checks both ranks.
     """
-    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE, max_pixels=112 * 112))
-    save_backbone(model, processor, tmp_path / "backbone")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(root=str(bench), frame_size=112, num_frames=8)
+    params["data"].update(root=str(bench.root), frame_size=112, num_frames=8)
     params["budget"]["max_pixels"] = 112 * 112
-    params["backbone"]["path"] = str(tmp_path / "backbone")
+    params["backbone"]["path"] = str(bench.backbone)
     params["allocator"].update(ALLOCATOR, path=str(tmp_path / "allocator"))
     params["train"].update(
         tasks=["detail_qa"],

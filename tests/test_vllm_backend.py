@@ -656,21 +656,21 @@ def live_server(trained, tmp_path_factory):
 
 
 def _test_visuals(processor, scale: float, per_task: int = 10):
-    from resadapt.budget import VisionGeometry
-    from resadapt.calibration import apply_scales, load_sample
+    from resadapt.budget import VisionGeometry, realise
     from resadapt.config import load_params
-    from resadapt.rl_stages import rows
+    from resadapt.data.embedded import split_rows
+    from resadapt.data.sample import load_sample
 
     params = load_params(ROOT / "params.yaml")
     geom = VisionGeometry.from_processor(processor)
     visuals, questions, tokens = [], [], []
-    for row in rows(params, "test", TASKS, per_task):
+    for row in split_rows(ROOT / params.data.root, "test", TASKS, per_task):
         sample = load_sample(row, ROOT / params.data.root, params.data.num_frames)
         n = 1 if sample.is_image else len(sample.frames)
-        visual, count, _ = apply_scales(sample, np.full(n, scale), geom)
-        visuals.append(visual)
+        r = realise(sample, np.full(n, scale), geom)
+        visuals.append(r.visual)
         questions.append(row["question"])
-        tokens.append(count)
+        tokens.append(r.tokens)
     return visuals, questions, tokens
 
 
@@ -859,8 +859,9 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
     processor's (the trainer checks each), a step's rollouts are reproducible, the tokens vLLM samples have
     the log-probabilities the backbone gives them on that allocation's input, validation answers agree with
     transformers, and two steps train the Allocator."""
-    from resadapt import rl_stages
     from resadapt.config import load_params
+    from resadapt.data.embedded import split_rows
+    from resadapt.stages import train as train_stage
     from resadapt.vllm_backend import post_json
 
     model, processor = trained
@@ -870,8 +871,8 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
         | dict(eval_steps=100, save_steps=100, val_samples=8, backend="vllm")
     )
     backend = VLLMBackend(live_server.url, live_server.model_name, processor, max_new_tokens=2)
-    trainer = rl_stages.make_trainer(params, rl, model, processor, tmp_path, rollout_engine=backend)
-    row = rl_stages.rows(params, "train", ["detail_qa"], limit=1)[0] | {"prompt": "?"}
+    trainer = train_stage.make_trainer(params, rl, model, processor, tmp_path, rollout_engine=backend)
+    row = split_rows(params.data.root, "train", ["detail_qa"], 1)[0] | {"prompt": "?"}
     torch.manual_seed(0)
     a = trainer._generate_and_score_completions([row] * 8)
     torch.manual_seed(0)
@@ -910,7 +911,7 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
     assert max(gaps) < 1e-3
 
     # validation answers: the server and the backbone agree
-    allocs = trainer.validation_allocations(rl_stages.rows(params, "val", ["detail_qa"], limit=16))
+    allocs = trainer.validation_allocations(split_rows(params.data.root, "val", ["detail_qa"], 16))
     on_vllm = trainer.greedy_scores(allocs)
     trainer.rollout_engine = None
     on_transformers = trainer.greedy_scores(allocs)
@@ -925,8 +926,8 @@ def test_live_capo_rollouts_on_vllm(trained, live_server, tmp_path):
 
 def trainer_visuals(trainer, row, out):
     """The resized inputs of each allocation of `out` (one prompt), rebuilt with the public operator."""
-    from resadapt.allocator import clip_to_saturation
-    from resadapt.calibration import apply_scales, load_sample
+    from resadapt.budget import clip_to_saturation, realise
+    from resadapt.data.sample import load_sample
 
     cfg = trainer.allocator.config
     sample = load_sample(row, trainer.media_root, row["num_frames"])
@@ -937,4 +938,4 @@ def trainer_visuals(trainer, row, out):
         scales = clip_to_saturation(
             cfg.s_min + u * (cfg.s_max - cfg.s_min), h, w, trainer.geometry, cfg.s_max
         )
-        yield apply_scales(sample, scales, trainer.geometry)[0]
+        yield realise(sample, scales, trainer.geometry).visual

@@ -7,7 +7,7 @@ post-encoder token pruning, the slow-fast heuristic, the Oracle and ResAdapt its
 from __future__ import annotations
 
 from resadapt.baselines.allocated import ResAdapt, ResAdaptHard
-from resadapt.baselines.base import Method, MethodContext, Plan, Realised, realise
+from resadapt.baselines.base import Method, MethodContext
 from resadapt.baselines.scaling import FixedScale, Oracle, Vanilla
 from resadapt.baselines.selection import FrameSelection, RandomDrop
 from resadapt.baselines.slow_fast import SlowFast
@@ -36,4 +36,4 @@ def build_method(name: str, context: MethodContext) -> Method:
     return METHODS[name](context)
 
 
-__all__ = ["METHODS", "Method", "MethodContext", "Plan", "Realised", "build_method", "realise"]
+__all__ = ["METHODS", "Method", "MethodContext", "build_method"]

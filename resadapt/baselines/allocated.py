@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from resadapt.allocator import clip_to_saturation, hard_budget_scales
-from resadapt.baselines.base import BatchedMethod, MethodContext, Plan, frame_size
-from resadapt.calibration import LoadedSample
+from resadapt.baselines.base import BatchedMethod, MethodContext
+from resadapt.budget import Plan, clip_to_saturation, hard_budget_scales
+from resadapt.data.sample import LoadedSample
 
 _BATCH = 16
 
@@ -59,7 +59,7 @@ def deterministic_allocations(context: MethodContext, samples: list[LoadedSample
         timings = {"allocator_encode": (t1 - t0) / len(part), "allocator_predict": (t2 - t1) / len(part)}
         for k, s in enumerate(part):
             raw = scales[k, : feats.num_frames[k]]
-            sc = raw if s.is_image else clip_to_saturation(raw, *frame_size(s), context.geometry, s_max)
+            sc = raw if s.is_image else clip_to_saturation(raw, *s.size, context.geometry, s_max)
             context.cache[_key(s)] = Allocation(raw, sc, dict(timings))
     return [context.cache[_key(s)] for s in samples]
 
@@ -78,7 +78,7 @@ class ResAdapt(BatchedMethod):
 
 
 class ResAdaptHard(BatchedMethod):
-    """The deterministic allocation rescaled to the target retention (`allocator.hard_budget_scales`)."""
+    """The deterministic allocation rescaled to the target retention (`budget.hard_budget_scales`)."""
 
     name = "resadapt_hard"
 
@@ -91,7 +91,7 @@ class ResAdaptHard(BatchedMethod):
             t0 = time.perf_counter()
             scales = hard_budget_scales(
                 a.raw,
-                *frame_size(sample),
+                *sample.size,
                 self.geometry,
                 budget,
                 cfg.s_min,

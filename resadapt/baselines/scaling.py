@@ -11,16 +11,15 @@ import math
 
 import numpy as np
 
-from resadapt.baselines.base import (
-    Method,
+from resadapt.baselines.base import Method
+from resadapt.budget import (
     Plan,
-    frame_size,
     image_scale_for_retention,
     largest_scale,
     video_scale_for_retention,
+    video_tokens,
 )
-from resadapt.budget import video_tokens
-from resadapt.calibration import LoadedSample, chunk_evidence
+from resadapt.data.sample import LoadedSample
 
 
 class Vanilla(Method):
@@ -41,12 +40,9 @@ class FixedScale(Method):
     def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
         self.check_budget(budget)
         if sample.is_image:
-            return Plan(
-                scales=np.array([image_scale_for_retention(budget, *frame_size(sample), self.geometry)])
-            )
-        return Plan(
-            scales=np.full(len(sample.frames), video_scale_for_retention(budget, sample, self.geometry))
-        )
+            return Plan(scales=np.array([image_scale_for_retention(budget, *sample.size, self.geometry)]))
+        n = len(sample.frames)
+        return Plan(scales=np.full(n, video_scale_for_retention(budget, *sample.size, n, self.geometry)))
 
 
 class Oracle(Method):
@@ -62,11 +58,11 @@ class Oracle(Method):
         self.check_budget(budget)
         geom = self.geometry
         if sample.is_image:
-            return Plan(scales=np.array([image_scale_for_retention(budget, *frame_size(sample), geom)]))
+            return Plan(scales=np.array([image_scale_for_retention(budget, *sample.size, geom)]))
         tp = geom.temporal_patch_size
         n = len(sample.frames)
-        h, w = frame_size(sample)
-        evidence = chunk_evidence(sample, geom.temporal_patch_size)
+        h, w = sample.size
+        evidence = sample.chunk_evidence(geom.temporal_patch_size)
         sizes = [min(tp, n - c * tp) for c in range(len(evidence))]
         limit = math.floor(budget * video_tokens(n, h, w, geom))
         s_min = self.context.s_min

@@ -11,17 +11,9 @@ import math
 
 import numpy as np
 
-from resadapt.baselines.base import (
-    BatchedMethod,
-    Method,
-    Plan,
-    frame_size,
-    image_scale_for_retention,
-    keep_chunks,
-    num_chunks,
-    sample_rng,
-)
-from resadapt.calibration import LoadedSample
+from resadapt.baselines.base import BatchedMethod, Method, keep_chunks, num_chunks, sample_rng
+from resadapt.budget import Plan, image_scale_for_retention
+from resadapt.data.sample import LoadedSample
 
 
 def chunks_for_budget(total: int, budget: float) -> int:
@@ -56,7 +48,7 @@ class FrameSelection(BatchedMethod):
         tp = self.geometry.temporal_patch_size
         for sample, alloc in zip(samples, allocs, strict=True):
             if sample.is_image:
-                s = image_scale_for_retention(budget, *frame_size(sample), self.geometry)
+                s = image_scale_for_retention(budget, *sample.size, self.geometry)
                 plans.append(Plan(scales=np.array([s]), timings=dict(alloc.timings)))
                 continue
             scales = alloc.raw  # unclipped: clipping at token saturation ties the top chunks

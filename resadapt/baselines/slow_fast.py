@@ -15,16 +15,9 @@ import math
 
 import numpy as np
 
-from resadapt.baselines.base import (
-    Method,
-    Plan,
-    frame_size,
-    image_scale_for_retention,
-    largest_scale,
-    num_chunks,
-)
-from resadapt.budget import video_tokens
-from resadapt.calibration import LoadedSample
+from resadapt.baselines.base import Method, num_chunks
+from resadapt.budget import Plan, image_scale_for_retention, largest_scale, video_tokens
+from resadapt.data.sample import LoadedSample
 
 
 def chunk_novelty(frames: np.ndarray, temporal_patch_size: int, cell: int = 28, cell_threshold: float = 8.0):
@@ -45,7 +38,7 @@ class SlowFast(Method):
     def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
         self.check_budget(budget)
         geom = self.geometry
-        h, w = frame_size(sample)
+        h, w = sample.size
         if sample.is_image:
             return Plan(scales=np.array([image_scale_for_retention(budget, h, w, geom)]))
         tp = geom.temporal_patch_size

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from resadapt.backbone import Generation, VisualInput, build_inputs
-from resadapt.baselines.base import Method, Plan
-from resadapt.calibration import LoadedSample
+from resadapt.backbone import Generation, TimedGeneration, VisualInput, build_inputs
+from resadapt.baselines.base import Method
+from resadapt.budget import Plan
+from resadapt.data.sample import LoadedSample
 
 # VisionZip keeps 54 dominant + 10 contextual of 64 tokens (also 108 + 20 of 128, 162 + 30 of 192).
 VISIONZIP_DOMINANT_FRACTION = 54 / 64
@@ -391,27 +392,13 @@ class PrunedBackend:
         stop = set(self.eos_ids.tolist())
         return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
 
-    @torch.inference_mode()
     def generate(self, visuals: list[VisualInput], questions: list[str]) -> list[Generation]:
-        out: list[Generation] = []
-        tok = self.processor.tokenizer
-        for i in range(0, len(visuals), self.batch_size):
-            vis, qs = visuals[i : i + self.batch_size], questions[i : i + self.batch_size]
-            t0 = time.perf_counter()
-            pruned = self.prepare(build_inputs(self.processor, vis, qs))
-            new = self.decode(pruned)
-            dt = (time.perf_counter() - t0) / len(vis)
-            texts = tok.batch_decode(new, skip_special_tokens=True)
-            for j, text in enumerate(texts):
-                out.append(Generation(text.strip(), pruned.visual_tokens[j], pruned.prompt_tokens[j], dt))
-        return out
+        return [t.generation for t in self.generate_timed(visuals, questions)]
 
     @torch.inference_mode()
-    def generate_timed(self, visuals: list[VisualInput], questions: list[str]) -> list:
-        """`generate` with each batch's time split into preprocess / prefill (vision tower, reduction and
-        the LLM's prompt forward) / generate, as `evaluate.TimedTransformersBackend` splits it."""
-        from resadapt.evaluate import TimedGeneration
-
+    def generate_timed(self, visuals: list[VisualInput], questions: list[str]) -> list[TimedGeneration]:
+        """Greedy answers with each batch's time split into preprocess / prefill (vision tower, reduction and
+        the LLM's prompt forward) / generate, as `TransformersBackend.generate_timed` splits it."""
         out = []
         tok = self.processor.tokenizer
         for i in range(0, len(visuals), self.batch_size):

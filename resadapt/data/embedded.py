@@ -444,6 +444,18 @@ def load_benchmark(root: str | Path):
     return load_from_disk(str(path))
 
 
+def split_rows(root: str | Path, split: str, tasks: list[str], limit: int | None = None) -> list[dict]:
+    """Rows of `split` for `tasks`, at most `limit` per task, in table order."""
+    table = load_benchmark(root)
+    if split not in table:
+        raise KeyError(f"benchmark at {root} has no split {split!r}")
+    out = []
+    for task in tasks:
+        part = [dict(r) for r in table[split] if r["task"] == task]
+        out += part[:limit] if limit else part
+    return out
+
+
 def benchmark_spec(data_params) -> BenchmarkSpec:
     """The BenchmarkSpec a validated `config.DataParams` describes."""
     return BenchmarkSpec(

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from resadapt.backbone import POINTER
 from resadapt.config import load_params, parse_params
-from resadapt.pipeline import POINTER, backbone_stage, calibration_conditions, calibration_metrics
+from resadapt.stages.backbone import backbone_stage, calibration_conditions, calibration_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

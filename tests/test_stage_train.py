@@ -1,4 +1,4 @@
-"""Stage glue of train/ablation: run identity for resume, and the acceptance checks on synthetic tables."""
+"""The train and ablation stages: run identity for resume, and the acceptance checks on synthetic tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pandas as pd
 import yaml
 
 from resadapt.config import parse_params
-from resadapt.rl_stages import ablation_checks, compare_train_metrics, fingerprint, train_metrics
+from resadapt.stages.ablation import ablation_checks
+from resadapt.stages.train import compare_train_metrics, fingerprint, train_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,16 +108,14 @@ def test_ablation_checks():
     assert ablation_checks({"capo": finals["capo"]}, val) == {"complete": False}
 
 
-def test_build_allocator_draws_its_weights_from_the_seed(tmp_path):
+def test_build_allocator_draws_its_weights_from_the_seed(tmp_path, tiny_backbone):
     """The same params.seed gives the same initial Allocator whatever the global RNG state (a fresh process
     starts from a random one), and the global state is left as it was."""
     import torch
-    from conftest import SMALL_BACKBONE
 
-    from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
-    from resadapt.rl_stages import build_allocator
+    from resadapt.stages.train import build_allocator
 
-    model, _ = build_tiny_backbone(TinyBackboneSpec(**SMALL_BACKBONE))
+    model, _ = tiny_backbone
     p = _params(tmp_path)
     torch.manual_seed(1)
     a = build_allocator(p, model)

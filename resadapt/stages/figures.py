@@ -1,4 +1,4 @@
-"""The paper's figures in miniature, drawn from the evaluate stage's per-sample log (seaborn).
+"""The `figures` stage: the paper's figures in miniature, drawn from the evaluate stage's per-sample log.
 
 Every figure reads only `evaluate.read_results(...)` (plus the decoded test frames for the thumbnails), so
 what a figure shows is what the log holds: efficiency-accuracy frontier, frames scaling at an equal token
@@ -16,10 +16,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from resadapt.config import METHODS
-from resadapt.evaluate import TIMING_KEYS, budget_label
+from resadapt.baselines import METHODS
+from resadapt.data.embedded import split_rows
+from resadapt.data.sample import load_sample
+from resadapt.evaluate import TIMING_KEYS
+from resadapt.stages.evaluate import budget_label
 
-METHOD_ORDER = METHODS  # config.Method order: baselines first, ResAdapt last
+METHOD_ORDER = list(METHODS)  # the registry's order: baselines first, ResAdapt last
 
 
 def _palette(methods) -> dict:
@@ -187,15 +190,12 @@ def heatmap_selection(params, per_task: int = 2):
     """The heatmap's inputs: the first test videos of detail QA and multi-frame reasoning (decoded at the main
     grid's frame count) and (method, R) rows at the largest budget <= 15%, the operating point of the issue's
     bars (else the smallest budget); unbudgeted methods at their own retention."""
-    from resadapt.calibration import load_sample
-    from resadapt.rl_stages import rows
-
     ev = params.evaluate
     tasks = [t for t in ("detail_qa", "multi_frame") if t in ev.tasks]
     samples = [
         load_sample(r, params.data.root, params.data.num_frames)
         for t in tasks
-        for r in rows(params, "test", [t], limit=per_task)
+        for r in split_rows(params.data.root, "test", [t], per_task)
     ]
     budgets = sorted(ev.budgets)
     budget = max([b for b in budgets if b <= 0.15] or budgets[:1])

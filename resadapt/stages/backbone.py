@@ -1,12 +1,11 @@
-"""What each DVC stage does, as functions of the validated params (the notebooks only call these and plot).
+"""The `backbone` stage: train the tiny backbone (or point at a checkpoint) and calibrate the benchmark on it.
 
-Keeping stage logic here, not in the notebooks, means it is imported, linted and tested like the rest of
-the library, and a notebook stays a readable report: parameters, calls, tables, figures.
+Calibration asks whether resolution matters on the benchmark and whether the question decides where
+(`resadapt.calibration`); this module turns that into the stage's metrics, checks and figures.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +17,14 @@ from resadapt.backbone import (
     build_tiny_backbone,
     load_backbone,
     save_backbone,
+    write_pointer,
 )
-from resadapt.budget import VisionGeometry
-from resadapt.calibration import CHANCE, calibrate, load_sample, summarise
+from resadapt.budget import VisionGeometry, resize_video
+from resadapt.calibration import CHANCE, calibrate, summarise
 from resadapt.config import Params
-from resadapt.data.embedded import benchmark_spec, load_benchmark, write_benchmark
+from resadapt.data.embedded import load_benchmark
+from resadapt.data.sample import load_sample
 from resadapt.sft import SFTSchedule, split_examples, train_backbone
-
-POINTER = "resadapt_backbone.json"
-
-
-def prepare_stage(params: Params):
-    """Write the embedded benchmark under `data.root` (refuses a non-empty folder)."""
-    sizes = {split: s.model_dump() for split, s in params.data.splits.items()}
-    return write_benchmark(params.data.root, benchmark_spec(params.data), sizes, seed=params.seed)
 
 
 def _fresh_output(path: Path) -> None:
@@ -51,10 +44,8 @@ def backbone_stage(params: Params):
     out = Path(params.backbone.path)
     _fresh_output(out)
     if params.backbone.source == "path":
-        ckpt = Path(params.backbone.checkpoint).resolve()
-        model, processor = load_backbone(ckpt)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / POINTER).write_text(json.dumps({"checkpoint": str(ckpt)}, indent=2))
+        model, processor = load_backbone(params.backbone.checkpoint)
+        write_pointer(out, params.backbone.checkpoint)
         return model, processor, pd.DataFrame()
     tiny = params.backbone.tiny
     spec = TinyBackboneSpec(
@@ -77,15 +68,6 @@ def backbone_stage(params: Params):
     train_backbone(model, processor, examples, schedule, record)
     save_backbone(model, processor, out)
     return model, processor, pd.DataFrame(log)
-
-
-def load_stage_backbone(params: Params):
-    """The backbone the `backbone` stage produced (following the pointer in the paper profile)."""
-    out = Path(params.backbone.path)
-    pointer = out / POINTER
-    if pointer.exists():
-        return load_backbone(json.loads(pointer.read_text())["checkpoint"])
-    return load_backbone(out)
 
 
 def calibration_conditions(params: Params) -> list[str]:
@@ -162,8 +144,6 @@ def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail
 def plot_resolution_samples(params: Params, processor, scales=(1.0, 0.35), split: str = "test"):
     """Figure: the evidence chunk and one other chunk of a test video at each scale, as the backbone gets them."""
     import matplotlib.pyplot as plt
-
-    from resadapt.budget import resize_video
 
     dataset = load_benchmark(params.data.root)
     row = next(r for r in dataset[split] if r["task"] == "detail_qa")

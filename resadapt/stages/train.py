@@ -1,7 +1,7 @@
-"""The `train` and `ablation` stages: CAPO training of the Allocator and what their reports show.
+"""The `train` stage: CAPO training of the Allocator (`resadapt.trainer.CAPOTrainer`) as params configure
+it, and what its report shows: the trained Allocator against the registry's methods on the test split.
 
-Stage logic lives here (imported, linted, tested); the notebooks call these functions and plot. Runs are
-resumable: each run writes checkpoints under a folder named after a fingerprint of everything that
+Runs are resumable: each run writes checkpoints under a folder named after a fingerprint of everything that
 determines it, outside the DVC outputs (DVC deletes declared outputs before a stage runs, and a killed run
 must find its checkpoints). Another configuration gets another folder, so a stale run is never resumed.
 """
@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,13 @@ from safetensors.torch import load_file
 from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from resadapt.allocator import Allocator, hard_budget_scales
-from resadapt.budget import uniform_scale_for_retention
-from resadapt.calibration import apply_scales, chunk_evidence, condition_scales
+from resadapt.allocator import Allocator, query_tokenizer
+from resadapt.baselines import MethodContext, build_method
+from resadapt.budget import realise
 from resadapt.config import Params, RLParams
-from resadapt.data.embedded import load_benchmark
+from resadapt.data.embedded import split_rows
 from resadapt.trainer import CAPOTrainer, CAPOTrainerConfig
-
-
-def allocator_tokenizer(params: Params, processor):
-    """The tokenizer of the Allocator's query encoder: the backbone's, or SmolVLM2's in the paper profile."""
-    if params.allocator.encoder == "backbone":
-        return processor.tokenizer
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(params.allocator.encoder_path)
+from resadapt.vllm_backend import VLLMBackend, server_from_params
 
 
 def build_allocator(params: Params, backbone) -> Allocator:
@@ -60,27 +51,17 @@ def build_allocator(params: Params, backbone) -> Allocator:
         return Allocator.from_smolvlm(smol, **kwargs)
 
 
-def rows(params: Params, split: str, tasks: list[str], limit: int | None = None) -> list[dict]:
-    """Benchmark rows of `split` for `tasks`, at most `limit` per task, in table order."""
-    table = load_benchmark(params.data.root)
-    if split not in table:
-        raise KeyError(f"benchmark at {params.data.root} has no split {split!r}")
-    out = []
-    for task in tasks:
-        part = [dict(r) for r in table[split] if r["task"] == task]
-        out += part[:limit] if limit else part
-    return out
-
-
 # Library code a run's trajectory depends on: a checkpoint written by other code is not resumed.
 _RUN_CODE = (
-    "rl_stages.py",
+    "stages/train.py",
     "allocator.py",
     "capo.py",
+    "config.py",
     "trainer.py",
     "budget.py",
-    "calibration.py",
+    "data/sample.py",
     "backbone.py",
+    "processing.py",
     "rewards.py",
 )
 
@@ -100,7 +81,7 @@ def fingerprint(params: Params, rl: RLParams, objective: str, max_steps: int) ->
         "backbone": files(Path(params.backbone.path)),
         "tables": files(Path(params.data.root) / "tables"),
         "code": {
-            name: hashlib.sha256((Path(__file__).parent / name).read_bytes()).hexdigest()
+            name: hashlib.sha256((Path(__file__).parents[1] / name).read_bytes()).hexdigest()
             for name in _RUN_CODE + (("vllm_backend.py",) if rl.backend == "vllm" else ())
         },
     }
@@ -125,13 +106,10 @@ def trainer_config(
         max_completion_length=rl.max_completion_length,
         objective=objective,
         lagrangian_lambda=rl.lagrangian_lambda,
-        capo=rl.capo.model_dump(),
+        capo=rl.capo,
         allocator_learning_rate=rl.learning_rate,
         allocator_relevance_learning_rate=rl.relevance_learning_rate,
         allocator_relevance_metric_learning_rate=rl.relevance_metric_learning_rate,
-        concentration_coef=rl.concentration_coef,
-        concentration_cap=rl.concentration_cap,
-        similarity_coef=rl.similarity_coef,
         joint_training=rl.joint_training,
         learning_rate=rl.backbone_learning_rate,
         beta=0.0,
@@ -167,8 +145,8 @@ def make_trainer(
     """A CAPOTrainer over the train split (rl.tasks) with the val split as validation rows."""
     objective = objective or rl.objective
     args = trainer_config(params, rl, run_dir, objective, max_steps or rl.max_steps, **overrides)
-    train_rows = rows(params, "train", rl.tasks)
-    val_rows = rows(params, "val", rl.tasks, limit=max(1, rl.val_samples // len(rl.tasks)))
+    train_rows = split_rows(params.data.root, "train", rl.tasks)
+    val_rows = split_rows(params.data.root, "val", rl.tasks, max(1, rl.val_samples // len(rl.tasks)))
     return CAPOTrainer(
         model=model,
         allocator=allocator or build_allocator(params, model),
@@ -177,7 +155,7 @@ def make_trainer(
         eval_dataset=Dataset.from_list([r | {"prompt": r["question"]} for r in val_rows]),
         processing_class=processor,
         media_root=params.data.root,
-        allocator_tokenizer=allocator_tokenizer(params, processor),
+        allocator_tokenizer=query_tokenizer(params.allocator, processor),
         rollout_engine=rollout_engine,
     )
 
@@ -190,8 +168,6 @@ def rollout_engine(params: Params, rl: RLParams, processor):
     if rl.backend == "transformers":
         yield None
         return
-    from resadapt.vllm_backend import VLLMBackend, server_from_params
-
     run_dir = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank its own run dir: pid files must not clash
         run_dir = Path(params.vllm.run_dir) / f"rank{os.environ.get('RANK', '0')}"
@@ -260,80 +236,68 @@ def log_frames(trainer: CAPOTrainer) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Test-split evaluation of the trained Allocator against FixedScale and the Oracle (the acceptance table).
+# The report: the trained Allocator against the registry's methods on the test split.
+
+# row label -> (method of the `baselines` registry, target retention): None unbudgeted, OPERATING the hard
+# budget's `train.operating_retention`, OWN the mean retention the deterministic Allocator chose itself
+OPERATING, OWN = "operating", "own"
+REPORT_ROWS = {
+    "resadapt": ("resadapt", None),
+    "resadapt_hard": ("resadapt_hard", OPERATING),
+    "fixed_scale": ("fixed_scale", OWN),
+    "fixed_scale_hard": ("fixed_scale", OPERATING),
+    "oracle": ("oracle", OPERATING),
+    "full": ("vanilla", None),
+}
 
 
-METHODS = ("resadapt", "resadapt_hard", "fixed_scale", "fixed_scale_hard", "oracle", "full")
+def report_context(trainer: CAPOTrainer) -> MethodContext:
+    """The methods' context for the trainer's Allocator (its scale range, geometry and query tokenizer)."""
+    return MethodContext(
+        geometry=trainer.geometry,
+        s_min=float(trainer.allocator.config.s_min),
+        seed=int(trainer.args.seed),
+        allocator=trainer.allocator,
+        allocator_tokenizer=trainer.allocator_tokenizer,
+    )
 
 
 def compare_allocations(
-    trainer: CAPOTrainer, test_rows: list[dict], operating_retention: float, methods=METHODS
+    trainer: CAPOTrainer, test_rows: list[dict], operating_retention: float, rows=tuple(REPORT_ROWS)
 ) -> pd.DataFrame:
-    """Per test row and method: greedy score and measured retention.
+    """Per test row and report row (`REPORT_ROWS`): greedy score and measured retention.
 
-    `resadapt`: the deterministic (Beta-mean) allocation; `resadapt_hard`: the same rescaled to
-    `operating_retention` (hard budget); `fixed_scale` / `fixed_scale_hard`: the uniform scale whose retention
-    is the largest not above ResAdapt's mean retention / `operating_retention`; `oracle`: evidence chunks at full resolution, the rest at s_min (the
-    allocator's); `full`: unmodified input.
+    Answers come from the trainer (its backbone, or its rollout engine), so this works under vLLM rollouts
+    too; the allocations come from the same `baselines` methods the evaluate stage runs.
     """
-    unknown = set(methods) - set(METHODS)
+    unknown = set(rows) - set(REPORT_ROWS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; expected a subset of {METHODS}")
-    geom = trainer.geometry
-    s_min = float(trainer.allocator.config.s_min)
-    s_max = float(trainer.allocator.config.s_max)
-    allocs = trainer.validation_allocations(test_rows)
-    raw = _unclipped_allocations(trainer, test_rows)
-    mean_ret = float(np.mean([a["retention"] for a in allocs]))
+        raise ValueError(f"unknown report rows {sorted(unknown)}; expected a subset of {tuple(REPORT_ROWS)}")
+    context = report_context(trainer)
+    samples = [trainer.sample(r) for r in test_rows]
+    realised = {}
+    for label in sorted(rows, key=lambda k: REPORT_ROWS[k][1] == OWN):  # OWN needs ResAdapt's retention
+        name, budget = REPORT_ROWS[label]
+        if budget == OWN:
+            own = realised.get("resadapt") or [
+                realise(s, p, trainer.geometry)
+                for s, p in zip(
+                    samples, build_method("resadapt", context).plan_batch(samples, None), strict=True
+                )
+            ]
+            budget = float(np.mean([r.retention for r in own]))
+        elif budget == OPERATING:
+            budget = operating_retention
+        plans = build_method(name, context).plan_batch(samples, budget)
+        realised[label] = [realise(s, p, trainer.geometry) for s, p in zip(samples, plans, strict=True)]
     items, meta = [], []
-    for a, r in zip(allocs, raw, strict=True):
-        sample = trainer._sample_cache[str(a["row"]["id"])]
-        for method in methods:
-            # the hard budget ranks chunks by the unclipped scales: clipping at token saturation ties them
-            scales = _method_scales(
-                method,
-                r if method == "resadapt_hard" else a["scales"],
-                sample,
-                geom,
-                operating_retention,
-                mean_ret,
-                s_min,
-                s_max,
-            )
-            visual, tokens, ref = apply_scales(sample, scales, geom)
-            items.append({"row": a["row"], "visual": visual})
-            meta.append(
-                {"id": a["row"]["id"], "task": a["row"]["task"], "method": method, "retention": tokens / ref}
-            )
+    for s_idx, s in enumerate(samples):
+        for label in rows:
+            r = realised[label][s_idx]
+            items.append({"row": s.row, "visual": r.visual})
+            meta.append({"id": s.row["id"], "task": s.row["task"], "method": label, "retention": r.retention})
     scores = trainer.greedy_scores(items)
     return pd.DataFrame([m | {"score": sc} for m, sc in zip(meta, scores, strict=True)])
-
-
-@torch.no_grad()
-def _unclipped_allocations(trainer: CAPOTrainer, test_rows: list[dict]) -> list[np.ndarray]:
-    """The deterministic (Beta-mean) scales in [s_min, s_max], before the operator's saturation clip."""
-    prompts = [trainer._prompt(r, keep_frames=True) for r in test_rows]
-    feats, q, qm = trainer._allocator_batch(prompts)
-    scales = trainer.allocator.mean_scales(trainer.allocator(feats.tokens, feats.mask, q, qm))
-    return [scales[k, :n].cpu().numpy().astype(np.float64) for k, n in enumerate(feats.num_frames)]
-
-
-def _method_scales(method, scales, sample, geom, operating_retention, mean_ret, s_min, s_max) -> np.ndarray:
-    h, w = sample.frames.shape[-3:-1]
-    n = len(scales)
-    if method == "resadapt":
-        out = scales
-    elif method == "resadapt_hard":
-        out = hard_budget_scales(scales, h, w, geom, operating_retention, s_min, s_max)
-    elif method == "fixed_scale":
-        out = np.full(n, uniform_scale_for_retention(mean_ret, h, w, max(n, 2), geom))
-    elif method == "fixed_scale_hard":
-        out = np.full(n, uniform_scale_for_retention(operating_retention, h, w, max(n, 2), geom))
-    elif method == "oracle":
-        out = condition_scales("oracle", sample, s_min, geom.temporal_patch_size)
-    else:
-        out = np.ones(n)
-    return np.asarray(out, dtype=np.float64)
 
 
 def evidence_gap(
@@ -345,22 +309,14 @@ def evidence_gap(
     hard-budget allocation at that retention instead of the Beta means.
     """
     tp = trainer.geometry.temporal_patch_size
-    geom = trainer.geometry
-    s_min, s_max = float(trainer.allocator.config.s_min), float(trainer.allocator.config.s_max)
-    allocs = trainer.validation_allocations(test_rows)
-    raw = _unclipped_allocations(trainer, test_rows) if operating_retention is not None else None
+    samples = [s for s in (trainer.sample(r) for r in test_rows) if not s.is_image]
+    name = "resadapt" if operating_retention is None else "resadapt_hard"
+    plans = build_method(name, report_context(trainer)).plan_batch(samples, operating_retention)
     ev, other = [], []
-    for i, a in enumerate(allocs):
-        sample = trainer._sample_cache[str(a["row"]["id"])]
-        if sample.is_image:
-            continue
-        scales = a["scales"]
-        if raw is not None:
-            scales = _method_scales(
-                "resadapt_hard", raw[i], sample, geom, operating_retention, None, s_min, s_max
-            )
+    for sample, plan in zip(samples, plans, strict=True):
+        scales = np.asarray(plan.scales)
         chunks = np.array([scales[k * tp : (k + 1) * tp].mean() for k in range(len(scales) // tp)])
-        mask = chunk_evidence(sample, tp)[: len(chunks)]
+        mask = sample.chunk_evidence(tp)[: len(chunks)]
         ev += chunks[mask].tolist()
         other += chunks[~mask].tolist()
     return {
@@ -473,7 +429,7 @@ def plot_allocations(trainer: CAPOTrainer, test_rows: list[dict], n: int = 4):
     )
     cfg = trainer.allocator.config
     for i, a in enumerate(allocs):
-        sample = trainer._sample_cache[str(a["row"]["id"])]
+        sample = trainer.sample(a["row"])
         for j in range(t):
             ax_img, ax_bar = axes[2 * i, j], axes[2 * i + 1, j]
             ax_img.axis("off")
@@ -493,82 +449,3 @@ def plot_allocations(trainer: CAPOTrainer, test_rows: list[dict], n: int = 4):
     fig.suptitle("deterministic scale per frame (red: evidence frames)", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def ablation_runs(params: Params, model, processor) -> tuple[pd.DataFrame, dict]:
-    """Each `ablation.objectives` run (resumed or loaded when it exists) and its deterministic Allocator
-    on the detail-QA test rows: (validation log with an `objective` column, final figures per objective)."""
-    rl = params.train.model_copy(
-        update={
-            "lagrangian_lambda": params.ablation.lagrangian_lambda,
-            "eval_steps": params.ablation.eval_steps,
-        }
-    )
-    test_rows = rows(params, "test", ["detail_qa"], limit=params.ablation.test_samples)
-    vals, finals = [], {}
-    with rollout_engine(params, rl, processor) as engine:  # one vLLM server for every run
-        for objective in params.ablation.objectives:
-            t0 = time.time()
-            trainer = run(
-                params,
-                rl,
-                model,
-                processor,
-                params.ablation.checkpoints,
-                objective,
-                params.ablation.max_steps,
-                engine,
-            )
-            _, val = log_frames(trainer)
-            vals.append(val.assign(objective=objective))
-            scores = compare_allocations(trainer, test_rows, 1.0, methods=("resadapt",))
-            finals[objective] = {
-                "accuracy": float(scores.score.mean()),
-                "retention": float(scores.retention.mean()),
-                "final_val_mean_scale": float(val.eval_mean_scale.iloc[-1]),
-                "seconds_this_session": round(time.time() - t0, 1),
-            }
-            print(objective, finals[objective], flush=True)
-    return pd.concat(vals, ignore_index=True), finals
-
-
-def plot_ablation(val: pd.DataFrame, s_min: float, s_max: float):
-    """The paper's collapse figure: validation mean scale over steps, one line per objective."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    sns.lineplot(data=val, x="step", y="eval_mean_scale", hue="objective", marker="o", ax=axes[0])
-    for y in (s_min, s_max):
-        axes[0].axhline(y, color="grey", ls=":", lw=0.8)
-    axes[0].set(title="validation mean scale (deterministic)", ylabel="mean scale")
-    if "eval_accuracy" in val:
-        sns.lineplot(
-            data=val, x="step", y="eval_accuracy", hue="objective", marker="o", ax=axes[1], legend=False
-        )
-        axes[1].set(title="validation accuracy", ylabel="accuracy")
-    fig.tight_layout()
-    return fig
-
-
-def ablation_checks(finals: dict, val: pd.DataFrame) -> dict:
-    """The issue's expectations for the collapse ablation, measured (reported, not asserted).
-
-    no_cost drifts up (final mean scale above its first validation point), the Lagrangian penalty collapses
-    toward s_min with an accuracy drop, CAPO ends between them with accuracy near the no-cost run.
-    """
-    need = {"no_cost", "lagrangian", "capo"}
-    if not need <= set(finals):
-        return {"complete": False}
-    first = {k: float(v) for k, v in val.groupby("objective").eval_mean_scale.first().items()}
-    scale = {k: v["final_val_mean_scale"] for k, v in finals.items()}
-    acc = {k: v["accuracy"] for k, v in finals.items()}
-    return {
-        "complete": True,
-        "no_cost_drifts_up": bool(scale["no_cost"] > first["no_cost"]),
-        "lagrangian_collapses_with_accuracy_drop": bool(
-            scale["lagrangian"] < scale["capo"] and acc["lagrangian"] < acc["no_cost"] - 0.1
-        ),
-        "capo_between": bool(scale["lagrangian"] <= scale["capo"] <= scale["no_cost"]),
-        "capo_accuracy_near_no_cost": bool(acc["capo"] >= acc["no_cost"] - 0.05),
-    }
