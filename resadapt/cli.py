@@ -62,6 +62,41 @@ def _dry_run(args) -> int:
     return 0
 
 
+def _cost(args) -> int:
+    """`resadapt cost` (issue 17): the latency table's TFLOPs columns; bad values exit 2 with the reason."""
+    import json
+
+    from resadapt import cost
+
+    try:
+        h, w = (int(v) for v in args.frame_size.lower().split("x"))
+    except ValueError:
+        print(f"--frame-size must be HxW (e.g. 768x1024), got {args.frame_size!r}", file=sys.stderr)
+        return 2
+    try:
+        backbone = cost.BackboneCost(args.backbone)
+        allocator = cost.AllocatorCost(cost.paper_allocator_config())
+        rows = cost.cost_table(
+            backbone, args.frames, args.retention, allocator, (h, w),
+            args.prompt_tokens, args.query_tokens, args.gen_tokens,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"resadapt cost: {err}", file=sys.stderr)
+        return 2
+    print(cost.format_table(rows, args.backbone))
+    if args.memory:
+        print(cost.format_memory(cost.training_memory(
+            backbone, allocator, max(args.frames), args.gpus, args.rows_per_gpu, frame_size=(h, w),
+        )))  # fmt: skip
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cost.table_metrics(rows, settings), indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="resadapt")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("overrides")
     merge.add_argument("out")
     merge.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    # --- cost (issue 17; resadapt/cost.py) ---
+    cost = sub.add_parser(
+        "cost", help="FLOPs of Vanilla and ResAdapt with the real architectures (meta device)"
+    )
+    cost.add_argument("--backbone", default="qwen2_5_vl_7b", help="qwen2_5_vl_7b | qwen3_vl_8b")
+    cost.add_argument("--frames", type=int, nargs="+", default=[32, 128])
+    cost.add_argument("--retention", type=float, nargs="+", default=[1.0, 0.25, 0.1])
+    cost.add_argument("--frame-size", default="768x1024", help="HxW of the source frames")
+    cost.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the backbone prompt")
+    cost.add_argument("--query-tokens", type=int, default=64, help="question tokens the Allocator reads")
+    cost.add_argument("--gen-tokens", type=int, default=0, help="decode steps added to Inference")
+    cost.add_argument(
+        "--json", nargs="?", const="metrics/cost.json", default=None, help="write a metrics file"
+    )
+    cost.add_argument("--memory", action="store_true", help="also print training memory per GPU")
+    cost.add_argument("--gpus", type=int, default=8, help="--memory: GPUs sharing the FSDP shards")
+    cost.add_argument("--rows-per-gpu", type=int, default=4, help="--memory: sequences per GPU micro-batch")
+    # --- end cost ---
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -94,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge-params":
             print(merge_params_files(args.base, args.overrides, args.out, force=args.force))
             return 0
+        if args.command == "cost":
+            return _cost(args)
         return _train(args)
     except ConfigError as err:
         print(err, file=sys.stderr)
