@@ -53,6 +53,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from resadapt.capo import beta_log_prob
+from resadapt.config import positive_number
 
 __all__ = [
     "AllocatorConfig",
@@ -90,16 +91,6 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _positive_float(owner: str, name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive finite number, got {value!r}")
-    return v
 
 
 class AllocatorConfig(PretrainedConfig):
@@ -159,12 +150,12 @@ class AllocatorConfig(PretrainedConfig):
         self.gate_init = float(self.gate_init)
         if not math.isfinite(self.gate_init):
             raise ValueError(f"{owner}.gate_init must be finite, got {self.gate_init!r}")
-        self.s_min = _positive_float(owner, "s_min", self.s_min)
-        self.s_max = _positive_float(owner, "s_max", self.s_max)
+        self.s_min = positive_number(f"{owner}.s_min", self.s_min)
+        self.s_max = positive_number(f"{owner}.s_max", self.s_max)
         if self.s_min >= self.s_max:
             raise ValueError(f"{owner}.s_min ({self.s_min}) must be below s_max ({self.s_max})")
-        self.beta_param_scale = _positive_float(owner, "beta_param_scale", self.beta_param_scale)
-        self.beta_max = _positive_float(owner, "beta_max", self.beta_max)
+        self.beta_param_scale = positive_number(f"{owner}.beta_param_scale", self.beta_param_scale)
+        self.beta_max = positive_number(f"{owner}.beta_max", self.beta_max)
         if self.init_mean_scale is not None:
             m = float(self.init_mean_scale)
             conc = 2.0 * (1.0 + math.log1p(math.exp(self.beta_init_logit)))

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from resadapt.backbone import VisualInput
+from resadapt.config import positive_number
 from resadapt.data.sample import LoadedSample
 from resadapt.processing import smart_resize
 
@@ -170,16 +171,6 @@ def _limits_of(proc: Any, name: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def _check_scale(scale: float, name: str = "scale") -> float:
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {scale!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
-    return value
-
-
 def _fixed_point_resize(height: int, width: int, factor: int, lo: int, hi: int) -> tuple[int, int]:
     """smart_resize applied until its output no longer changes (the processor then keeps it as is)."""
     h, w = smart_resize(height, width, factor, lo, hi)
@@ -203,7 +194,7 @@ def scaled_size(
     iterated to a fixed point of smart_resize, which only differs from the reference for aspect ratios
     where a clamped side keeps the area over the cap; there the processor would otherwise resize again.
     """
-    s = _check_scale(scale)
+    s = positive_number("scale", scale)
     if int(height) < 1 or int(width) < 1:
         raise ValueError(f"frame size must be positive, got height={height}, width={width}")
     h = max(geom.patch_size, math.floor(int(height) * s))
@@ -424,7 +415,7 @@ def uniform_scale_for_retention(
     t = float(target)
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"target must be a positive finite retention, got {target!r}")
-    top = _check_scale(max_scale, "max_scale")
+    top = positive_number("max_scale", max_scale)
     height, width, num_frames = int(height), int(width), int(num_frames)
     ref = video_tokens(num_frames, height, width, geom)
 
@@ -517,7 +508,7 @@ def token_saturation_scale(height: int, width: int, geom: VisionGeometry, s_max:
     """
     if int(height) < 1 or int(width) < 1:
         raise ValueError(f"frame size must be positive, got height={height}, width={width}")
-    return _saturation(int(height), int(width), geom, _check_scale(s_max, "s_max"))
+    return _saturation(int(height), int(width), geom, positive_number("s_max", s_max))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -628,8 +619,8 @@ def hard_budget_scales(
         raise ValueError(f"target_retention must be a number in (0, 1], got {target_retention!r}") from None
     if not math.isfinite(target) or not 0.0 < target <= 1.0:
         raise ValueError(f"target_retention must be in (0, 1], got {target_retention!r}")
-    lo_s = _check_scale(s_min, "hard_budget_scales.s_min")
-    hi_s = _check_scale(s_max, "hard_budget_scales.s_max")
+    lo_s = positive_number("hard_budget_scales.s_min", s_min)
+    hi_s = positive_number("hard_budget_scales.s_max", s_max)
     if lo_s >= hi_s:
         raise ValueError(f"hard_budget_scales: s_min ({lo_s}) must be below s_max ({hi_s})")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:

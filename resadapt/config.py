@@ -7,6 +7,7 @@ must never be silently ignored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -38,6 +39,17 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+def positive_number(name: str, value: Any) -> float:
+    """`value` as a positive finite float, or a ValueError naming `name` (for checks outside params)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
 
 
 class _Section(BaseModel):

@@ -24,7 +24,7 @@ Tasks (all with the same row schema as the real benchmark loaders):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -457,12 +457,6 @@ def split_rows(root: str | Path, split: str, tasks: list[str], limit: int | None
 
 
 def benchmark_spec(data_params) -> BenchmarkSpec:
-    """The BenchmarkSpec a validated `config.DataParams` describes."""
-    return BenchmarkSpec(
-        frame_size=data_params.frame_size,
-        fps=data_params.fps,
-        num_frames=data_params.num_frames,
-        long_num_frames=data_params.long_num_frames,
-        long_card_frames=data_params.long_card_frames,
-        cards_per_video=data_params.cards_per_video,
-    )
+    """The BenchmarkSpec a validated `config.DataParams` describes (its fields of the same names)."""
+    keys = {f.name for f in fields(BenchmarkSpec)} & set(type(data_params).model_fields)
+    return BenchmarkSpec(**data_params.model_dump(include=keys))
