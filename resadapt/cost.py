@@ -47,6 +47,8 @@ __all__ = [
     "Flops",
     "count_flops",
     "load_arch_config",
+    "backbone_geometry",
+    "chunk_size",
     "BackboneCost",
     "AllocatorCost",
     "paper_allocator_config",
@@ -155,6 +157,33 @@ def _meta(tensor_shape: Sequence[int], dtype: torch.dtype = torch.bfloat16) -> t
 # Backbone
 
 
+def backbone_geometry(config: Any):
+    """The `budget.VisionGeometry` of a Qwen-VL config with the reference's video cap: at most
+    `CHUNK_TOKEN_CAP` merged tokens per frame size (max_pixels = 768 x factor^2)."""
+    from resadapt.budget import VisionGeometry
+
+    vc = config.vision_config
+    patch, merge = int(vc.patch_size), int(vc.spatial_merge_size)
+    factor = patch * merge
+    return VisionGeometry(
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=int(vc.temporal_patch_size),
+        max_pixels=CHUNK_TOKEN_CAP * factor * factor,
+    )
+
+
+def chunk_size(geometry: Any, frame_size: tuple[int, int], retention: float = 1.0) -> tuple[int, int]:
+    """Pixel size of one chunk of a `frame_size` source at target retention: the largest uniform scale whose
+    measured retention is <= R (`budget.uniform_scale_for_retention`), then Qwen's resize."""
+    from resadapt.budget import scaled_size, uniform_scale_for_retention
+
+    h, w = frame_size
+    r = _check_retentions([retention])[0]
+    scale = 1.0 if r >= 1.0 else uniform_scale_for_retention(r, h, w, geometry.temporal_patch_size, geometry)
+    return scaled_size(h, w, scale, geometry)
+
+
 class BackboneCost:
     """FLOPs of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL backbone built on the meta device from `config`.
 
@@ -164,8 +193,6 @@ class BackboneCost:
 
     def __init__(self, config: Any) -> None:
         from transformers import AutoModelForImageTextToText
-
-        from resadapt.budget import VisionGeometry
 
         if isinstance(config, str):
             if config not in BACKBONES:
@@ -179,17 +206,9 @@ class BackboneCost:
         self.config = config
         with torch.device("meta"):
             self.model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        vc = config.vision_config
-        self.patch_size = int(vc.patch_size)
-        self.temporal_patch_size = int(vc.temporal_patch_size)
-        merge = int(vc.spatial_merge_size)
-        factor = self.patch_size * merge
-        self.geometry = VisionGeometry(
-            patch_size=self.patch_size,
-            merge_size=merge,
-            temporal_patch_size=self.temporal_patch_size,
-            max_pixels=CHUNK_TOKEN_CAP * factor * factor,
-        )
+        self.geometry = backbone_geometry(config)
+        self.patch_size = self.geometry.patch_size
+        self.temporal_patch_size = self.geometry.temporal_patch_size
 
     @property
     def text_config(self):
@@ -205,15 +224,7 @@ class BackboneCost:
         }
 
     def chunk_size(self, frame_size: tuple[int, int], retention: float = 1.0) -> tuple[int, int]:
-        """Pixel size of one chunk of a `frame_size` source at target retention (uniform scale <= R)."""
-        from resadapt.budget import scaled_size, uniform_scale_for_retention
-
-        h, w = frame_size
-        if retention >= 1.0:
-            scale = 1.0
-        else:
-            scale = uniform_scale_for_retention(retention, h, w, self.temporal_patch_size, self.geometry)
-        return scaled_size(h, w, scale, self.geometry)
+        return chunk_size(self.geometry, frame_size, retention)
 
     def chunk_tokens(self, size: tuple[int, int]) -> int:
         f = self.geometry.factor
