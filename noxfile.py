@@ -53,8 +53,9 @@ def install_kernel(session: nox.Session) -> None:
 
 
 def dvc_repro(session: nox.Session, args: list[str]) -> None:
+    """`dvc repro`, then a short summary of the results (`dvc metrics show` keeps every number)."""
     session.run("dvc", "repro", *args)
-    session.run("dvc", "metrics", "show")
+    session.run("python", "-m", "resadapt.stages.summary")
 
 
 @nox.session(python=PYTHON, venv_backend="venv")

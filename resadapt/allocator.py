@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -617,6 +620,24 @@ class Allocator(PreTrainedModel):
         model._freeze()
         return model
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args: Any,
+        card_metrics: dict | None = None,
+        card_training: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`PreTrainedModel.save_pretrained`, plus a Hugging Face model card (README.md) saying what the
+        folder holds and how to load it. Measured results and the training data go in as `card_metrics` /
+        `card_training` (or the attributes of the same names); weights and config are saved unchanged."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            metrics = card_metrics if card_metrics is not None else getattr(self, "card_metrics", None)
+            training = card_training if card_training is not None else getattr(self, "card_training", None)
+            card = model_card(self.config, metrics, training)
+            (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
+
     @classmethod
     def from_backbone(cls, model: nn.Module, processor: Any = None, **config_kwargs: Any) -> Allocator:
         """An Allocator whose frozen encoders are copies of a loaded Qwen-VL backbone's vision tower and
@@ -910,6 +931,93 @@ class Allocator(PreTrainedModel):
         return [scales[i, :n].cpu().numpy().astype(np.float64) for i, n in enumerate(feats.num_frames)]
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_card(config: AllocatorConfig, metrics: dict | None = None, training: str | None = None) -> str:
+    """A Hugging Face model card for an Allocator: YAML metadata, what it is, its encoder and scale range,
+    the measured results given, and how to load it. `base_model` is the encoder's source when that is a
+    hub id (a local path says nothing to a reader elsewhere)."""
+    enc = config.encoder_config or {}
+    source = str(enc.get("_name_or_path") or "")
+    base = source if _HUB_ID.match(source) and not Path(source).exists() else None
+    meta = ["library_name: transformers", "tags:"]
+    meta += [f"- {t}" for t in ("resadapt", "video", "adaptive-resolution", "qwen-vl", "allocator")]
+    if base:
+        meta.append(f"base_model: {base}")
+    meta.append("license: other  # placeholder: set the license before publishing")
+    kind = enc.get("model_type", "?")
+    if config.encoder_type == "qwen_vision":
+        encoder = (
+            f"the vision tower of a {kind} backbone (frames as single images at {config.coarse_size} px)"
+        )
+    else:
+        encoder = f"SmolVLM's SigLIP tower and connector ({kind}, frames at {config.coarse_size} px)"
+    query = (
+        "token embeddings" if config.query_source == "embeddings" else "the text model's last hidden state"
+    )
+    lines = [
+        "---",
+        *meta,
+        "---",
+        "",
+        "# ResAdapt Allocator",
+        "",
+        "The Allocator of *ResAdapt: Adaptive Resolution for Efficient Multimodal Reasoning*: from coarse "
+        "features of every frame and the question it predicts a per-frame resize scale, applied before an "
+        "unchanged Qwen-VL backbone encodes the video (one scale per temporal chunk).",
+        "",
+        "## Training",
+        "",
+        training or "Not recorded (pass `card_training` to `save_pretrained`).",
+        "",
+        "## Encoder",
+        "",
+        f"- frozen coarse encoder: {encoder}" + (f", from `{source}`" if source else ""),
+        f"- frozen query encoder: {query}",
+        f"- trained decoder: width {config.dim}, {config.depth} layer(s), {config.num_heads} heads; "
+        f"relevance prior {'on' if config.relevance_prior else 'off'}",
+        "",
+        "## Scale range",
+        "",
+        f"s = s_min + u (s_max - s_min) with u ~ Beta(alpha, beta) per frame, s in [{config.s_min:g}, "
+        f"{config.s_max:g}]; the deterministic allocation is the Beta mean, clipped where more scale adds no "
+        "tokens, or rescaled to a target retention (hard budget).",
+        "",
+        "## Results",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+        ]
+    else:
+        lines.append("No measured results were given (pass `card_metrics` to `save_pretrained`).")
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from resadapt import PlugAndPlayAllocator",
+        "",
+        'allocator = PlugAndPlayAllocator.from_pretrained("path/to/this/folder", processor=backbone_processor)',
+        'allocation = allocator.allocate("video.mp4", "What happens after the door opens?", budget=0.25)',
+        "inputs = allocation.processor_inputs(backbone_processor)  # or .qwen_messages() / .openai_request(name)",
+        "```",
+        "",
+        "```bash",
+        'resadapt allocate video.mp4 --question "..." --allocator path/to/this/folder --budget 0.25',
+        'resadapt answer video.mp4 --question "..." --allocator path/to/this/folder --backbone path/to/qwen-vl',
+        "```",
+        "",
+        "The folder loads with `AutoModel.from_pretrained` once `resadapt` is imported (no `trust_remote_code`);"
+        " its query tokenizer is saved beside it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 AutoConfig.register(AllocatorConfig.model_type, AllocatorConfig, exist_ok=True)
 AutoModel.register(AllocatorConfig, Allocator, exist_ok=True)
 
@@ -922,3 +1030,23 @@ def query_tokenizer(params, processor):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(params.encoder_path)
+
+
+def build_allocator(params, backbone) -> Allocator:
+    """A fresh (untrained) Allocator for `params` (`config.Params`) over the configured frozen encoder: the
+    initial policy of training, and the `prior_only` methods' relevance prior.
+
+    Its weights are drawn from `params.seed`: the Trainer seeds the RNG only once it is constructed, after
+    the Allocator, and the global RNG state of a fresh process is not fixed (measured: two processes built
+    different decoders, so two runs with one seed diverged from step 2; torch seeds it at random).
+    """
+    a = params.allocator
+    kwargs = a.model_kwargs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        if a.encoder == "backbone":
+            return Allocator.from_backbone(backbone, **kwargs)
+        import transformers
+
+        smol = transformers.AutoModelForImageTextToText.from_pretrained(a.encoder_path)
+        return Allocator.from_smolvlm(smol, **kwargs)

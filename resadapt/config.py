@@ -16,15 +16,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Task = Literal["detail_qa", "multi_frame", "grounding", "image_qa", "long_video"]
-Method = Literal[
+Method = Literal[  # the names of `resadapt.baselines.METHODS` (tests/test_evaluate.py keeps them equal)
     "vanilla",
     "fixed_scale",
-    "random_drop",
+    "random_chunk_drop",
+    "random_token_drop",
     "tome",
     "visionzip",
     "slow_fast",
     "frame_selection",
     "oracle",
+    "prior_only",
+    "prior_only_hard",
     "resadapt",
     "resadapt_hard",
 ]

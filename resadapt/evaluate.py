@@ -121,6 +121,8 @@ class Evaluator:
                     "id": str(row["id"]),
                     "kind": row["task"],  # how the sample is scored (cell.task names its source)
                     "question": row["question"],
+                    "options": list(row["options"] or []),
+                    "answer_span": list(row["answer_span"] or []),
                     "prediction": g.generation.text,
                     "answer": row["answer"],
                     "score": score(

@@ -5,7 +5,7 @@ their accuracy. Run from the repository root after `dvc repro train`:
 
     OMP_NUM_THREADS=1 python scripts/top_chunk_evidence.py [params.yaml] [--initial]
 
-`--initial` measures the untrained Allocator instead (`stages.train.build_allocator`: the relevance prior
+`--initial` measures the untrained Allocator instead (`allocator.build_allocator`: the relevance prior
 with a zero-initialised head), which shows what training added to the ranking.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from resadapt.allocator import Allocator, query_tokenizer
+from resadapt.allocator import Allocator, build_allocator, query_tokenizer
 from resadapt.backbone import load_backbone
 from resadapt.baselines import MethodContext
 from resadapt.baselines.allocated import deterministic_allocations
@@ -24,7 +24,6 @@ from resadapt.budget import VisionGeometry, chunk_scales
 from resadapt.config import load_params
 from resadapt.data.embedded import split_rows
 from resadapt.data.sample import load_sample
-from resadapt.stages.train import build_allocator
 
 
 def main(params_file: str = "params.yaml", initial: bool = False) -> None:

@@ -20,7 +20,9 @@ from resadapt.stages import evaluate as SE
 
 GEOM = VisionGeometry(max_pixels=224 * 224, min_pixels=28 * 28)
 BUDGETED = [
-    m for m, c in METHODS.items() if c.budgeted and c.pruning is None and m not in SE.ALLOCATOR_METHODS
+    m
+    for m, c in METHODS.items()
+    if c.budgeted and c.pruning is None and m not in (*SE.ALLOCATOR_METHODS, *SE.PRIOR_METHODS)
 ]
 
 
@@ -62,19 +64,24 @@ def test_fixed_scale_uses_the_budget_and_oracle_gives_evidence_full_resolution()
     oracle = build_method("oracle", ctx)
     roomy = oracle.plan(sample, 0.25).scales
     assert np.all(roomy[4:6] == 1.0) and np.all(roomy[:4] > 0.125)
-    tight = oracle.plan(sample, 0.1).scales  # the evidence chunk alone needs 64/512 = 0.125
-    assert tight[4] < 1.0 and np.all(np.delete(tight, [4, 5]) == 0.125)
+    # evidence at full resolution (64 tokens) + the other 7 chunks at s_min (1 token each) = 71 > 0.13 x 512:
+    # the rest is dropped, the evidence keeps full resolution
+    dropped = oracle.plan(sample, 0.13)
+    assert dropped.frames == [4, 5] and np.all(dropped.scales == 1.0)
+    tight = oracle.plan(sample, 0.1)  # the evidence chunk alone needs 64/512 = 0.125: shrunk, rest dropped
+    assert tight.frames == [4, 5] and np.all(tight.scales < 1.0)
+    assert realise(sample, tight, GEOM).retention <= 0.1
 
 
-def test_random_drop_depends_on_seed_and_sample_only():
-    a = build_method("random_drop", MethodContext(GEOM, seed=0))
-    b = build_method("random_drop", MethodContext(GEOM, seed=0))
-    c = build_method("random_drop", MethodContext(GEOM, seed=1))
+def test_random_chunk_drop_depends_on_seed_and_sample_only():
+    a = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))
+    b = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))
+    c = build_method("random_chunk_drop", MethodContext(GEOM, seed=1))
     plans = [m.plan(_video(f"v{i}"), 0.25).frames for i in range(6) for m in (a,)]
     assert plans == [b.plan(_video(f"v{i}"), 0.25).frames for i in range(6)]
     assert plans != [c.plan(_video(f"v{i}"), 0.25).frames for i in range(6)]
     assert all(len(p) == 4 for p in plans)  # 2 of 8 chunks
-    assert not build_method("random_drop", MethodContext(GEOM)).supports_images
+    assert not build_method("random_chunk_drop", MethodContext(GEOM)).supports_images
 
 
 def test_slow_fast_makes_the_changing_chunks_slow():
@@ -104,7 +111,7 @@ def test_realise_rejects_bad_plans():
         build_method("fixed_scale", MethodContext(GEOM)).plan(_video(), None)
     with pytest.raises(ValueError, match="unknown method"):
         build_method("resadapt_soft", MethodContext(GEOM))
-    with pytest.raises(ValueError, match="need a trained Allocator"):
+    with pytest.raises(ValueError, match="needs context.allocator"):
         build_method("resadapt_hard", MethodContext(GEOM)).plan(_video(), 0.25)
 
 
@@ -121,7 +128,9 @@ def test_every_method_runs_and_the_prompt_holds_the_counted_tokens(tiny):
     input-side method through it checks the accounting; pruning methods report what the LLM received."""
     model, processor, allocator = tiny
     geom = VisionGeometry.from_processor(processor)
-    ctx = MethodContext(geom, allocator=allocator, allocator_tokenizer=processor.tokenizer)
+    ctx = MethodContext(
+        geom, allocator=allocator, prior_allocator=allocator, allocator_tokenizer=processor.tokenizer
+    )
 
     def pruned(method, keep):
         from resadapt.baselines.token_pruning import PrunedBackend
@@ -136,7 +145,7 @@ def test_every_method_runs_and_the_prompt_holds_the_counted_tokens(tiny):
             rows += ev.run_cell(E.Cell("main", "detail_qa", 8, method, budget), samples, {"a": 0.1})
     df = pd.DataFrame(rows)
     assert set(df.method) == set(METHODS)
-    assert len(df[df.method == "random_drop"]) == 2  # not applicable to the image
+    assert len(df[df.method == "random_chunk_drop"]) == 2  # not applicable to the image
     budgeted = df[df.budget.notna()]
     assert (budgeted.retention <= 0.25 + 1e-9).all()
     vanilla = df[df.method == "vanilla"]
@@ -180,17 +189,14 @@ def _log_rows():
             "end_to_end_seconds": sum(seconds.values()),
         }
 
-    rows = []
-    for s in (1, 1, 1, 0):
-        rows.append(row("vanilla", None, "detail_qa", s, 1.0))
-    for s in (1, 0, 0, 0):
-        rows.append(row("fixed_scale", 0.1, "detail_qa", s, 0.09))
-    for s in (1, 1, 0, 0):
-        rows.append(row("resadapt_hard", 0.1, "detail_qa", s, 0.1))
-    for s in (1, 1, 1, 1):
-        rows.append(row("oracle", 0.1, "detail_qa", s, 0.1))
-    for s in (0.8, 0.4, 0.6, 0.1):
-        rows.append(row("vanilla", None, "grounding", s, 1.0))
+    def four(method, budget, task, scores, retention):
+        return [row(method, budget, task, s, retention) | {"id": f"s{i}"} for i, s in enumerate(scores)]
+
+    rows = four("vanilla", None, "detail_qa", (1, 1, 1, 0), 1.0)
+    rows += four("fixed_scale", 0.1, "detail_qa", (1, 0, 0, 0), 0.09)
+    rows += four("resadapt_hard", 0.1, "detail_qa", (1, 1, 0, 0), 0.1)
+    rows += four("oracle", 0.1, "detail_qa", (1, 1, 1, 1), 0.1)
+    rows += four("vanilla", None, "grounding", (0.8, 0.4, 0.6, 0.1), 1.0)
     for f, s in ((8, 0.5), (32, 0.75)):
         rows.append(row("vanilla", None, "long_video", s, 1.0, "frames", f))
         rows.append(row("resadapt_hard", 8 / f, "long_video", s, 8 / f, "frames", f, alloc=0.02))
@@ -202,26 +208,69 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     log.write(_log_rows())
     df = E.read_results(log.path)
     qa = SE.qa_table(df)
-    assert qa.loc[(16, "vanilla", "own"), "detail_qa"] == 75.0
-    assert qa.loc[(16, "resadapt_hard", "0.1"), "retention_%"] == 10.0
-    g = SE.grounding_table(df).loc[(16, "vanilla", "own"), "grounding"]
-    assert (g["R@0.3"], g["R@0.5"], g["R@0.7"], g["mIoU"]) == (75.0, 50.0, 25.0, 47.5)
+    assert qa.loc[(16, "vanilla", "own"), ("detail_qa", "acc_%")] == 75.0
+    low, high = qa.loc[(16, "vanilla", "own"), [("detail_qa", "low"), ("detail_qa", "high")]]
+    assert 0 <= low < 75.0 < high <= 100
+    assert qa.loc[(16, "resadapt_hard", "0.1"), ("all", "retention_%")] == 10.0
+    assert SE.with_ci(qa).loc[(16, "oracle", "0.1"), ("detail_qa", "acc_%")] == "100.0 [100.0, 100.0]"
+    g = SE.grounding_table(df).loc[(16, "vanilla", "own")]
+    assert [g[("grounding", k)] for k in ("R@0.3", "R@0.5", "R@0.7", "mIoU")] == [75.0, 50.0, 25.0, 47.5]
     metrics = SE.stage_metrics(df, _params())
     assert metrics["grounding"]["16 vanilla own"]["grounding mIoU"] == 47.5
     json.dumps(metrics, default=SE.np_default)
     checks = SE.frontier_checks(df)["rows"]["resadapt_hard@0.1"]
-    assert checks["accuracy"] == 0.5 and checks["ge_fixed_scale_plus_15_points"]
-    assert not checks["ge_90pct_of_oracle"] and not checks["ge_vanilla_minus_2_points"]
+    assert checks["accuracy"] == 0.5
+    bars = checks["bars"]
+    # 0.5 - 0.25 = 0.25 >= 0.15 at the point estimate, but four samples cannot decide it
+    assert bars["ge_fixed_scale_plus_15_points"]["holds"]
+    assert not bars["ge_fixed_scale_plus_15_points"]["holds_at_ci_low"]
+    assert not bars["ge_90pct_of_oracle"]["holds"] and not bars["ge_vanilla_minus_2_points"]["holds"]
+    assert bars["ge_90pct_of_oracle"]["difference"] == pytest.approx(0.5 - 0.9)
+    assert metrics["oracle_bound"]["holds"] and metrics["oracle_bound"]["comparisons"] == 2
     frames = SE.frames_checks(df, 8)["rows"]["32"]
-    assert frames["relative_gain"] == pytest.approx(0.5) and frames["gain_ge_15pct"]
+    assert frames["references"]["vanilla@8"]["relative_gain"] == pytest.approx(0.5)
+    assert frames["holds_at_ci_low"]
     over = SE.overhead(df, 32)
     assert over["allocator_share"] == pytest.approx((0.02 + 0.01 + 0.01) / 0.08)  # encode, predict, budget
     assert over["speedup_over_vanilla"] == pytest.approx(0.06 / 0.08)
     lines = SE.check_lines(
         {"frontier_detail_qa": SE.frontier_checks(df), "frames_scaling": SE.frames_checks(df, 8)}
     )
-    assert any("90% of the Oracle = 90.0: short by 40.0 points" in line for line in lines)
-    assert any("+50.0% relative (bar +15%: met)" in line for line in lines)
+    assert any("ge 90pct of oracle (vs oracle@0.1): margin -40.0 points" in line for line in lines)
+    assert any("vanilla@8 50.0% (+50% relative, holds at the CI low end)" in line for line in lines)
+
+
+def test_a_method_above_the_oracle_beyond_its_interval_is_flagged(tmp_path):
+    rows = _log_rows()
+    for i in range(4, 8):  # fixed_scale: every sample right, the Oracle's 4 also right: tie, no flag
+        rows[i] |= {"score": 1}
+    for i in range(12, 16):  # the Oracle now wrong everywhere: fixed_scale beats it on every sample
+        rows[i] |= {"score": 0}
+    log = E.ResultsLog(tmp_path / "s.jsonl")
+    log.write(rows)
+    bound = SE.oracle_bound_checks(E.read_results(log.path))
+    assert not bound["holds"]
+    # fixed_scale is right where the Oracle is wrong on all 4 samples; resadapt_hard on 2 of 4: not decided
+    assert [(f["method"], f["R"]) for f in bound["flags"]] == [("fixed_scale", "0.1")]
+
+
+def test_lmms_eval_layout(tmp_path):
+    from resadapt.lmms_eval import write_lmms_eval
+
+    log = E.ResultsLog(tmp_path / "s.jsonl")
+    log.write([r | {"question": "q?", "answer": "7", "prediction": "7"} for r in _log_rows()])
+    files = write_lmms_eval(E.read_results(log.path), tmp_path / "lmms", date="20261130_000000")
+    run = tmp_path / "lmms" / "main-vanilla-Rown-F16"
+    results = json.loads((run / "20261130_000000_results.json").read_text())
+    keys = {"results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"}
+    assert keys | {"git_hash", "date"} == set(results)
+    assert results["results"]["detail_qa"]["accuracy,none"] == 0.75
+    assert results["results"]["grounding"]["miou,none"] == pytest.approx(0.475)
+    assert results["n-samples"]["grounding"] == {"original": 4, "effective": 4}
+    sample = json.loads((run / "20261130_000000_samples_detail_qa.jsonl").read_text().splitlines()[0])
+    assert {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "accuracy"} <= set(sample)
+    assert sample["filtered_resps"] == ["7"] and sample["target"] == "7"
+    assert len(files) == sum(1 for _ in (tmp_path / "lmms").rglob("*.json*"))
 
 
 def _params(**evaluate):

@@ -113,7 +113,7 @@ def test_build_allocator_draws_its_weights_from_the_seed(tmp_path, tiny_backbone
     starts from a random one), and the global state is left as it was."""
     import torch
 
-    from resadapt.stages.train import build_allocator
+    from resadapt.allocator import build_allocator
 
     model, _ = tiny_backbone
     p = _params(tmp_path)

@@ -174,7 +174,7 @@ def _reference_ids(model, processor, batch) -> list[list[int]]:
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
 
 
-@pytest.mark.parametrize("method", ["tome", "visionzip"])
+@pytest.mark.parametrize("method", ["tome", "visionzip", "random"])
 def test_keep_all_matches_transformers_generate(tiny, samples, method):
     model, processor = tiny
     visuals, questions = samples
@@ -213,7 +213,7 @@ def test_keep_all_matches_transformers_generate(tiny, samples, method):
     ]
 
 
-@pytest.mark.parametrize("method", ["tome", "visionzip"])
+@pytest.mark.parametrize("method", ["tome", "visionzip", "random"])
 def test_quarter_keep_feeds_fewer_tokens(tiny, samples, method):
     model, processor = tiny
     visuals, questions = samples
@@ -223,7 +223,13 @@ def test_quarter_keep_feeds_fewer_tokens(tiny, samples, method):
         pruned = backend.prepare(batch)
     sizes = _item_sizes(batch)
     assert [len(s) for s in sizes] == [2, 1, 1]
-    expected = [sum(max(1, math.floor(0.25 * n)) for n in row) for row in sizes]
+    # VisionZip reduces each item; ToMe (across time too) and random drop pool the sample's items
+    expected = [
+        sum(max(1, math.floor(0.25 * n)) for n in row)
+        if method == "visionzip"
+        else math.floor(0.25 * sum(row))
+        for row in sizes
+    ]
     placeholders = (pruned.input_ids == model.config.video_token_id) | (
         pruned.input_ids == model.config.image_token_id
     )
@@ -267,3 +273,19 @@ def test_invalid_keep_ratio(tiny, bad):
         PrunedBackend(model, processor, "tome", bad)
     with pytest.raises(ValueError, match="method"):
         PrunedBackend(model, processor, "fastv", 0.5)  # type: ignore[arg-type]
+
+
+def test_random_token_drop_depends_on_the_sample_only(tiny, samples):
+    model, processor = tiny
+    visuals, questions = samples
+    backend = PrunedBackend(model, processor, "random", 0.25)
+
+    def kept(vis, qs, b):
+        pruned = backend.prepare(build_inputs(processor, vis, qs))
+        keep = pruned.attention_mask[b].bool()
+        return pruned.position_ids[:, b][:, keep].tolist()
+
+    with torch.no_grad():
+        alone = kept(visuals[:1], questions[:1], 0)
+        assert kept(visuals[:2], questions[:2], 0) == alone  # another sample in the batch changes nothing
+        assert kept(visuals[::-1], questions[::-1], 2) == alone

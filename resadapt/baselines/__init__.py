@@ -6,24 +6,27 @@ post-encoder token pruning, the slow-fast heuristic, the Oracle and ResAdapt its
 
 from __future__ import annotations
 
-from resadapt.baselines.allocated import ResAdapt, ResAdaptHard
+from resadapt.baselines.allocated import PriorOnly, PriorOnlyHard, ResAdapt, ResAdaptHard
 from resadapt.baselines.base import Method, MethodContext
 from resadapt.baselines.scaling import FixedScale, Oracle, Vanilla
-from resadapt.baselines.selection import FrameSelection, RandomDrop
+from resadapt.baselines.selection import FrameSelection, RandomChunkDrop
 from resadapt.baselines.slow_fast import SlowFast
-from resadapt.baselines.token_pruning import ToMe, VisionZip
+from resadapt.baselines.token_pruning import RandomTokenDrop, ToMe, VisionZip
 
 METHODS: dict[str, type[Method]] = {
     m.name: m
     for m in (
         Vanilla,
         FixedScale,
-        RandomDrop,
+        RandomChunkDrop,
+        RandomTokenDrop,
         ToMe,
         VisionZip,
         SlowFast,
         FrameSelection,
         Oracle,
+        PriorOnly,
+        PriorOnlyHard,
         ResAdapt,
         ResAdaptHard,
     )

@@ -1,5 +1,7 @@
 """ResAdapt itself behind the method interface: the trained Allocator's deterministic allocation, as is
-(`resadapt`: its own retention) and rescaled to the target retention (`resadapt_hard`: the hard budget mode).
+(`resadapt`: its own retention) and rescaled to the target retention (`resadapt_hard`: the hard budget mode),
+and the same two for the untrained Allocator (`prior_only`, `prior_only_hard`: its relevance prior alone),
+so what CAPO training adds is a row of every table.
 
 The Allocator runs once per sample and frame count; the allocation and its measured time (coarse encode,
 predict) are cached in the `MethodContext`, so ResAdapt, its hard-budget rows and frame selection all
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,17 +34,20 @@ class Allocation:
     timings: dict[str, float]
 
 
-def _key(sample: LoadedSample) -> tuple:
-    return ("allocation", str(sample.row["id"]), len(sample.frames) if not sample.is_image else 0)
+def _key(sample: LoadedSample, which: str) -> tuple:
+    return (which, str(sample.row["id"]), len(sample.frames) if not sample.is_image else 0)
 
 
 @torch.no_grad()
-def deterministic_allocations(context: MethodContext, samples: list[LoadedSample]) -> list[Allocation]:
-    """The Allocator's Beta-mean allocation of each sample (cached), with per-sample encode/predict time."""
-    allocator = context.allocator
+def deterministic_allocations(
+    context: MethodContext, samples: list[LoadedSample], which: str = "allocator"
+) -> list[Allocation]:
+    """The Beta-mean allocation of each sample by `context.<which>` (the trained Allocator, or
+    `prior_allocator`), cached, with per-sample encode/predict time."""
+    allocator = getattr(context, which)
     if allocator is None or context.allocator_tokenizer is None:
-        raise ValueError("ResAdapt methods need a trained Allocator and its tokenizer in the MethodContext")
-    todo = [s for s in samples if _key(s) not in context.cache]
+        raise ValueError(f"this method needs context.{which} and its tokenizer in the MethodContext")
+    todo = [s for s in samples if _key(s, which) not in context.cache]
     allocator.eval()
     s_max = float(allocator.config.s_max)
     for i in range(0, len(todo), _BATCH):
@@ -60,8 +66,8 @@ def deterministic_allocations(context: MethodContext, samples: list[LoadedSample
         for k, s in enumerate(part):
             raw = scales[k, : feats.num_frames[k]]
             sc = raw if s.is_image else clip_to_saturation(raw, *s.size, context.geometry, s_max)
-            context.cache[_key(s)] = Allocation(raw, sc, dict(timings))
-    return [context.cache[_key(s)] for s in samples]
+            context.cache[_key(s, which)] = Allocation(raw, sc, dict(timings))
+    return [context.cache[_key(s, which)] for s in samples]
 
 
 class ResAdapt(BatchedMethod):
@@ -69,11 +75,12 @@ class ResAdapt(BatchedMethod):
 
     name = "resadapt"
     budgeted = False
+    allocator: ClassVar[str] = "allocator"
 
     def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]:
         return [
             Plan(scales=a.scales, timings=dict(a.timings))
-            for a in deterministic_allocations(self.context, samples)
+            for a in deterministic_allocations(self.context, samples, self.allocator)
         ]
 
 
@@ -81,11 +88,12 @@ class ResAdaptHard(BatchedMethod):
     """The deterministic allocation rescaled to the target retention (`budget.hard_budget_scales`)."""
 
     name = "resadapt_hard"
+    allocator: ClassVar[str] = "allocator"
 
     def plan_batch(self, samples: list[LoadedSample], budget: float | None) -> list[Plan]:
         self.check_budget(budget)
-        allocations = deterministic_allocations(self.context, samples)
-        cfg = self.context.allocator.config
+        allocations = deterministic_allocations(self.context, samples, self.allocator)
+        cfg = getattr(self.context, self.allocator).config
         plans = []
         for sample, a in zip(samples, allocations, strict=True):
             t0 = time.perf_counter()
@@ -102,3 +110,17 @@ class ResAdaptHard(BatchedMethod):
                 Plan(scales=scales, timings=a.timings | {"allocator_budget": time.perf_counter() - t0})
             )
         return plans
+
+
+class PriorOnly(ResAdapt):
+    """The untrained Allocator's deterministic allocation: the relevance prior with an untrained head."""
+
+    name = "prior_only"
+    allocator = "prior_allocator"
+
+
+class PriorOnlyHard(ResAdaptHard):
+    """The untrained Allocator's allocation under the hard budget: the relevance prior's ranking alone."""
+
+    name = "prior_only_hard"
+    allocator = "prior_allocator"

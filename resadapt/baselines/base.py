@@ -28,7 +28,8 @@ class MethodContext:
     geometry: VisionGeometry
     s_min: float = 0.125
     seed: int = 0
-    allocator: Any = None  # resadapt.allocator.Allocator
+    allocator: Any = None  # resadapt.allocator.Allocator (trained)
+    prior_allocator: Any = None  # the untrained Allocator: its relevance prior alone (`prior_only` methods)
     allocator_tokenizer: Any = None
     cache: dict = field(default_factory=dict)  # per-sample results shared between methods (allocations)
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from resadapt.baselines.base import Method
+from resadapt.baselines.base import Method, keep_chunks
 from resadapt.budget import (
     Plan,
     image_scale_for_retention,
@@ -46,10 +46,12 @@ class FixedScale(Method):
 
 
 class Oracle(Method):
-    """Evidence chunks at full resolution, the rest at s_min; the budget left over goes to the rest.
+    """The upper bound of every input-side method: it knows which chunks hold the evidence.
 
-    At a budget the evidence cannot fill at full resolution, the evidence chunks share it at the largest
-    common scale that fits (the rest stay at s_min). An image is its own evidence: it is FixedScale.
+    Evidence chunks at full resolution first; the other chunks at s_min when the budget allows it (and any
+    budget left over spread over them), else dropped; the evidence is shrunk (to the largest common scale
+    that fits, the rest dropped) only when it alone exceeds the budget. An image is its own evidence: it is
+    FixedScale. A video without evidence frames gets FixedScale too.
     """
 
     name = "oracle"
@@ -62,19 +64,20 @@ class Oracle(Method):
         tp = geom.temporal_patch_size
         n = len(sample.frames)
         h, w = sample.size
-        evidence = sample.chunk_evidence(geom.temporal_patch_size)
+        evidence = sample.chunk_evidence(tp)
+        if not evidence.any():
+            return Plan(scales=np.full(n, video_scale_for_retention(budget, h, w, n, geom)))
         sizes = [min(tp, n - c * tp) for c in range(len(evidence))]
         limit = math.floor(budget * video_tokens(n, h, w, geom))
         s_min = self.context.s_min
 
-        def tokens(ev_scale: float, rest_scale: float) -> int:
+        def tokens(rest_scale: float) -> int:
             return sum(
-                video_tokens(k, h, w, geom, ev_scale if e else rest_scale)
+                video_tokens(k, h, w, geom, 1.0 if e else rest_scale)
                 for k, e in zip(sizes, evidence, strict=True)
             )
 
-        ev = largest_scale(lambda s: tokens(s, s_min), limit, h, w) or s_min
-        rest = s_min
-        if ev >= 1.0 and (~evidence).any():
-            rest = max(s_min, largest_scale(lambda s: tokens(1.0, s), limit, h, w) or s_min)
-        return Plan(scales=np.repeat(np.where(evidence, ev, rest), tp)[:n])
+        if tokens(s_min) <= limit:
+            rest = s_min if evidence.all() else max(s_min, largest_scale(tokens, limit, h, w) or s_min)
+            return Plan(scales=np.repeat(np.where(evidence, 1.0, rest), tp)[:n])
+        return keep_chunks(sample, [int(c) for c in np.flatnonzero(evidence)], budget, geom)

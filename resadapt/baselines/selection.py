@@ -1,4 +1,4 @@
-"""Methods that keep some temporal chunks and drop the rest: Random Drop and Allocator frame selection.
+"""Methods that keep some temporal chunks and drop the rest: random chunk drop and Allocator frame selection.
 
 Both keep k = max(1, floor(R * chunks)) whole chunks (dropping single frames would break the backbone's
 two-frame temporal patches) at the largest common scale that fits the budget, which is full resolution
@@ -20,10 +20,11 @@ def chunks_for_budget(total: int, budget: float) -> int:
     return max(1, min(total, math.floor(budget * total + 1e-9)))
 
 
-class RandomDrop(Method):
-    """Keep a uniformly random subset of chunks (seeded per sample)."""
+class RandomChunkDrop(Method):
+    """Keep a uniformly random subset of whole chunks before the encoder (seeded per sample). The paper's
+    Random Drop drops tokens after the encoder instead: `token_pruning.RandomTokenDrop`."""
 
-    name = "random_drop"
+    name = "random_chunk_drop"
     supports_images = False
 
     def plan(self, sample: LoadedSample, budget: float | None) -> Plan:

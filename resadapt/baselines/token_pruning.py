@@ -1,12 +1,16 @@
-"""Post-encoder token-pruning baselines (ToMe, VisionZip) for Qwen2-VL / Qwen2.5-VL backbones.
+"""Post-encoder token-pruning baselines (ToMe, VisionZip, random token drop) for Qwen2-VL / Qwen2.5-VL.
 
 ResAdapt saves visual tokens *before* the encoder by shrinking frames. The natural competitors keep the
 input untouched, run the full vision tower, and drop or merge the tokens it produced before the LLM sees
 them. To compare the two honestly the LLM must really receive fewer tokens (fewer `<|video_pad|>` /
 `<|image_pad|>` slots, shorter prefill), and the reported cost must be what it received. This module:
 
-* `tome_reduce`: ToMe bipartite soft matching (Bolya et al., 2023) applied to the merged visual tokens;
-* `visionzip_reduce`: VisionZip (Yang et al., 2024) dominant + contextual tokens;
+* `tome_reduce`: ToMe bipartite soft matching (Bolya et al., 2023) applied to the merged visual tokens of
+  all the chunks of a video together, so tokens merge across time as well as space (the authors run ToMe
+  in video mode);
+* `visionzip_reduce`: VisionZip (Yang et al., 2024) dominant + contextual tokens, per visual item;
+* random token drop: a seeded uniform subset of a sample's visual tokens (the authors' Random Drop, which
+  drops tokens after the encoder; dropping whole chunks before it is `random_chunk_drop`);
 * `PrunedBackend`: the `TransformersBackend` interface, reducing every video chunk and every image
   separately, and decoding greedily in its own loop, because `generate` would recompute the M-RoPE
   positions from the (now shorter) placeholder runs and give kept tokens the wrong positions.
@@ -22,6 +26,7 @@ import itertools
 import math
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from resadapt.data.sample import LoadedSample
 VISIONZIP_DOMINANT_FRACTION = 54 / 64
 
 SUPPORTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+PRUNING_METHODS = ("tome", "visionzip", "random")
 
 
 def _check_keep(n: int, keep: int) -> None:
@@ -229,13 +235,13 @@ class PrunedBackend:
         self,
         model,
         processor,
-        method: Literal["tome", "visionzip"],
+        method: Literal["tome", "visionzip", "random"],
         keep_ratio: float,
         max_new_tokens: int = 12,
         batch_size: int = 16,
     ):
-        if method not in ("tome", "visionzip"):
-            raise ValueError(f"method must be 'tome' or 'visionzip', got {method!r}")
+        if method not in PRUNING_METHODS:
+            raise ValueError(f"method must be one of {PRUNING_METHODS}, got {method!r}")
         if not isinstance(keep_ratio, int | float) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
         model_type = model.config.model_type
@@ -263,21 +269,38 @@ class PrunedBackend:
         # floor, so the tokens fed never exceed the target retention (rounding 0.15 x 64 up gave 0.156)
         return max(1, math.floor(self.keep_ratio * n + 1e-9))
 
-    def _encode(self, pixels: Tensor, grid: Tensor, modality: int) -> list[tuple[Tensor, Tensor]]:
-        """Run the vision tower on one modality and reduce every item; (features, kept indices) per item."""
+    def _encode(self, pixels: Tensor, grid: Tensor, modality: int) -> list[tuple[Tensor, Tensor | None]]:
+        """Run the vision tower on one modality: (merged token features, VisionZip scores or None) per item."""
         inner = self.model.model
         fn = inner.get_image_features if modality == 1 else inner.get_video_features
-        if self.method == "visionzip":
-            with _capture_received_attention(inner.visual) as store:
-                feats = fn(pixels, grid).pooler_output
-            scores = pooled_scores(inner.visual, store[-1], grid).split([len(f) for f in feats])
-        else:
+        if self.method != "visionzip":
+            return [(f, None) for f in fn(pixels, grid).pooler_output]
+        with _capture_received_attention(inner.visual) as store:
             feats = fn(pixels, grid).pooler_output
-            scores = [None] * len(feats)
-        out = []
-        for f, s in zip(feats, scores, strict=True):
-            keep = self.keep_count(len(f))
-            out.append(tome_reduce(f, keep) if s is None else visionzip_reduce(f, s, keep))
+        scores = pooled_scores(inner.visual, store[-1], grid).split([len(f) for f in feats])
+        return list(zip(feats, scores, strict=True))
+
+    def _reduce(self, items: list[tuple[Tensor, Tensor | None]], seed: int) -> list[tuple[Tensor, Tensor]]:
+        """One sample's items of one modality reduced: (kept features, their indices in the item) per item.
+
+        VisionZip reduces each item on its own; ToMe and random drop pool the sample's items (the chunks of a
+        video), so tokens merge or survive across time, and an item may keep none.
+        """
+        if self.method == "visionzip":
+            return [visionzip_reduce(f, sc, self.keep_count(len(f))) for f, sc in items]
+        sizes = [len(f) for f, _ in items]
+        x = torch.cat([f for f, _ in items])
+        keep = self.keep_count(len(x))
+        if self.method == "tome":
+            feats, idx = tome_reduce(x, keep)
+        else:
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+            feats = x[idx]
+        out, start = [], 0
+        for n in sizes:
+            sel = (idx >= start) & (idx < start + n)
+            out.append((feats[sel], idx[sel] - start))
+            start += n
         return out
 
     def prepare(self, batch) -> PrunedInputs:
@@ -292,13 +315,28 @@ class PrunedBackend:
             second_per_grid_ts=batch.get("second_per_grid_ts"),
             attention_mask=batch["attention_mask"],
         )
+        runs = [  # per row: the modality of each visual item, in prompt order
+            [m for m, _ in itertools.groupby(types[b][mask[b]].tolist()) if m] for b in range(ids.shape[0])
+        ]
         items: dict[int, Iterator[tuple[Tensor, Tensor]]] = {}
         for modality, pix, grid in (
             (1, "pixel_values", "image_grid_thw"),
             (2, "pixel_values_videos", "video_grid_thw"),
         ):
-            if batch.get(pix) is not None:
-                items[modality] = iter(self._encode(batch[pix], batch[grid], modality))
+            if batch.get(pix) is None:
+                continue
+            encoded = iter(self._encode(batch[pix], batch[grid], modality))
+            reduced = []
+            for b, row_runs in enumerate(runs):
+                mine = [next(encoded) for m in row_runs if m == modality]
+                if mine:  # seeded by the row's own tokens: the same sample drops the same tokens in any batch
+                    seed = zlib.crc32(ids[b][mask[b]].numpy().tobytes()) ^ modality
+                    reduced += self._reduce(mine, seed)
+            if next(encoded, None) is not None:
+                raise RuntimeError(
+                    f"more visual items of type {modality} than placeholder runs in the prompt"
+                )
+            items[modality] = iter(reduced)
         embed = self.model.get_input_embeddings()
         rows: list[tuple[Tensor, Tensor, Tensor]] = []
         next_position, n_visual = [], []
@@ -315,7 +353,7 @@ class PrunedBackend:
                     new_pos.append(row_pos[:, start:end])
                 else:
                     feats, kept = next(items[modality])
-                    if int(kept.max()) >= end - start:
+                    if len(kept) and int(kept.max()) >= end - start:
                         raise RuntimeError(f"a visual item has {end - start} placeholders but more features")
                     new_ids.append(torch.full((len(kept),), self.placeholder[modality], dtype=ids.dtype))
                     new_emb.append(feats.to(embed.weight.dtype))
@@ -324,11 +362,6 @@ class PrunedBackend:
                 start = end
             rows.append((torch.cat(new_ids), torch.cat(new_emb), torch.cat(new_pos, dim=1)))
             n_visual.append(visual)
-        for modality, rest in items.items():
-            if next(rest, None) is not None:
-                raise RuntimeError(
-                    f"more visual items of type {modality} than placeholder runs in the prompt"
-                )
         return self._left_pad(rows, next_position, n_visual)
 
     def _left_pad(self, rows, next_position: list[int], n_visual: list[int]) -> PrunedInputs:
@@ -424,7 +457,7 @@ class PrunedBackend:
 
 
 class _TokenPruning(Method):
-    """Unmodified input; the backend keeps a fraction R (the target retention) of each item's tokens."""
+    """Unmodified input; the backend keeps a fraction R (the target retention) of the visual tokens."""
 
     def plan(self, sample: LoadedSample, budget: float | None) -> Plan:
         self.check_budget(budget)
@@ -432,8 +465,17 @@ class _TokenPruning(Method):
 
 
 class ToMe(_TokenPruning):
+    """ToMe over all the chunks of a video together (spatial and temporal merging)."""
+
     name = "tome"
     pruning = "tome"
+
+
+class RandomTokenDrop(_TokenPruning):
+    """Keep a seeded uniform random subset of the visual tokens after the encoder (the paper's Random Drop)."""
+
+    name = "random_token_drop"
+    pruning = "random"
 
 
 class VisionZip(_TokenPruning):

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from resadapt.allocator import Allocator, query_tokenizer
+from resadapt.allocator import Allocator, build_allocator, query_tokenizer
 from resadapt.backbone import load_backbone
 from resadapt.baselines import MethodContext
 from resadapt.baselines.token_pruning import PrunedBackend
@@ -27,6 +27,8 @@ from resadapt.data.benchmarks import load_real_benchmark
 from resadapt.data.embedded import split_rows
 from resadapt.data.sample import load_samples
 from resadapt.evaluate import TIMING_KEYS, Cell, Evaluator, ResultsLog, grid_cells, read_results
+from resadapt.lmms_eval import write_lmms_eval
+from resadapt.stats import fmt, grouped_ci, mean_ci, paired_ci
 from resadapt.vllm_backend import VLLMBackend, server_from_params
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
@@ -50,137 +52,297 @@ def _sources(part: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(part["task"]))  # in the order the grid ran them
 
 
+def _cells(part: pd.DataFrame, keys: list[str], value: str = "score", scale: float = 100.0) -> pd.DataFrame:
+    """Mean, low, high (95% bootstrap) of `value` per group, indexed by `keys`."""
+    return grouped_ci(part, keys, value, scale).set_index(keys)
+
+
 def qa_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
-    """Table 1 layout: rows (frames, method, target R), columns the QA sources (accuracy, %) plus the mean
-    measured retention over them."""
+    """Table 1 layout: rows (frames, method, target R); per QA source its accuracy (%) with the 95% bootstrap
+    interval (`acc_%`, `low`, `high`) and its mean measured retention (%), then the mean retention over all."""
     part = _with_labels(df[(df.grid == grid) & (df.kind != "grounding")])
     if part.empty:
         return pd.DataFrame()
     keys = ["frames", "method", "R"]
-    acc = part.pivot_table(index=keys, columns="task", values="score", aggfunc="mean") * 100
-    acc = acc[_sources(part)]
-    acc.insert(0, "retention_%", part.groupby(keys)["retention"].mean() * 100)
-    return acc.round(1)
+    cols = {}
+    for source in _sources(part):
+        sub = part[part.task == source]
+        c = _cells(sub, keys)
+        cols[(source, "acc_%")], cols[(source, "low")], cols[(source, "high")] = (
+            c["mean"],
+            c["low"],
+            c["high"],
+        )
+        cols[(source, "retention_%")] = sub.groupby(keys)["retention"].mean() * 100
+    cols[("all", "retention_%")] = part.groupby(keys)["retention"].mean() * 100
+    order = part[keys].drop_duplicates().set_index(keys).index
+    return pd.DataFrame(cols).reindex(order).round(1)
 
 
 def grounding_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
-    """Table 2 layout: rows (frames, method, target R), columns (source, R@0.3/0.5/0.7/mIoU %) plus the
-    mean measured retention."""
+    """Table 2 layout: rows (frames, method, target R); per source R@0.3/0.5/0.7 and mIoU (%), each with its
+    95% bootstrap interval (`<metric> low` / `<metric> high`), and the mean measured retention (%)."""
     part = _with_labels(df[(df.grid == grid) & (df.kind == "grounding")])
     if part.empty:
         return pd.DataFrame()
     keys = ["frames", "method", "R"]
-    cols = {("", "retention_%"): part.groupby(keys)["retention"].mean() * 100}
+    cols = {}
     for source in _sources(part):
-        g = part[part.task == source].groupby(keys)["score"]
-        for t in IOU_THRESHOLDS:
-            cols[(source, f"R@{t}")] = g.apply(lambda s, t=t: (s >= t).mean() * 100)
-        cols[(source, "mIoU")] = g.mean() * 100
-    return pd.DataFrame(cols).round(1)
+        sub = part[part.task == source]
+        metrics = {f"R@{t}": (sub["score"] >= t).astype(float) for t in IOU_THRESHOLDS} | {
+            "mIoU": sub["score"]
+        }
+        for name, values in metrics.items():
+            c = _cells(sub.assign(_v=values), keys, "_v")
+            cols[(source, name)], cols[(source, f"{name} low")], cols[(source, f"{name} high")] = (
+                c["mean"],
+                c["low"],
+                c["high"],
+            )
+        cols[(source, "retention_%")] = sub.groupby(keys)["retention"].mean() * 100
+    order = part[keys].drop_duplicates().set_index(keys).index
+    return pd.DataFrame(cols).reindex(order).round(1)
 
 
 def frames_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Frames scaling at an equal token budget: accuracy (%) and tokens per method and frame count."""
+    """Frames scaling at an equal token budget: accuracy (%) with its 95% interval, tokens and retention per
+    method and frame count."""
     part = df[df.grid == "frames"]
-    g = part.groupby(["method", "frames"])
+    if part.empty:
+        return pd.DataFrame()
+    keys = ["method", "frames"]
+    c = _cells(part, keys)
+    g = part.groupby(keys)
     return pd.DataFrame(
         {
-            "accuracy_%": g["score"].mean() * 100,
+            "accuracy_%": c["mean"],
+            "low": c["low"],
+            "high": c["high"],
             "visual_tokens": g["visual_tokens"].mean(),
             "retention_%": g["retention"].mean() * 100,
         }
     ).round(1)
 
 
+def with_ci(table: pd.DataFrame) -> pd.DataFrame:
+    """A table for reading: each mean with its interval as 'mean [low, high]' in one cell."""
+    if table.empty:
+        return table
+    out = {}
+    cols = list(table.columns)
+    for col in cols:
+        head, name = col if isinstance(col, tuple) else ("", col)
+        if name.endswith(("low", "high")):
+            continue
+        low = (head, "low") if name == "acc_%" else (head, f"{name} low")
+        high = (head, "high") if name == "acc_%" else (head, f"{name} high")
+        if not isinstance(col, tuple):
+            low, high = ("low", "high") if name == "accuracy_%" else (f"{name} low", f"{name} high")
+        if low in cols and high in cols:
+            out[col] = [fmt(m, lo, hi) for m, lo, hi in zip(table[col], table[low], table[high], strict=True)]
+        else:
+            out[col] = table[col]
+    return pd.DataFrame(out, index=table.index)
+
+
 def latency_table(df: pd.DataFrame, grid: str = "frames") -> pd.DataFrame:
-    """Mean milliseconds per sample for each stage, per method and frame count (decode listed apart)."""
+    """Mean milliseconds per sample for each stage, per method and frame count (decode listed apart), with
+    the end-to-end time's 95% interval."""
     part = df[df.grid == grid]
     cols = [f"t_{k}" for k in TIMING_KEYS if f"t_{k}" in part.columns]
     g = part.groupby(["method", "frames"])
     out = g[cols].mean() * 1000
     out.columns = [c.removeprefix("t_") for c in cols]
-    out["end_to_end"] = g["end_to_end_seconds"].mean() * 1000
+    e2e = _cells(part, ["method", "frames"], "end_to_end_seconds", 1000.0)
+    out["end_to_end"], out["end_to_end low"], out["end_to_end high"] = e2e["mean"], e2e["low"], e2e["high"]
     out["decode"] = g["decode_seconds"].mean() * 1000
     return out.round(1)
 
 
 def frontier(df: pd.DataFrame, task: str, frames: int | None = None, grid: str = "main") -> pd.DataFrame:
-    """Accuracy against measured retention per (method, R) on one source at one frame count (default: the
-    smallest the grid ran), the efficiency-accuracy frontier."""
+    """Accuracy (with its 95% interval) against measured retention per (method, R) on one source at one
+    frame count (default: the smallest the grid ran), the efficiency-accuracy frontier."""
     part = df[(df.grid == grid) & (df.task == task)]
     if part.empty:
-        return pd.DataFrame(columns=["method", "R", "retention", "accuracy", "n"])
+        return pd.DataFrame(columns=["method", "R", "retention", "accuracy", "low", "high", "n"])
     part = _with_labels(part[part.frames == (frames if frames is not None else part.frames.min())])
-    return (
-        part.groupby(["method", "R"])
-        .agg(retention=("retention", "mean"), accuracy=("score", "mean"), n=("score", "size"))
-        .reset_index()
-    )
+    c = _cells(part, ["method", "R"], scale=1.0)
+    out = part.groupby(["method", "R"], sort=False).agg(retention=("retention", "mean"))
+    out["accuracy"], out["low"], out["high"], out["n"] = c["mean"], c["low"], c["high"], c["n"]
+    return out.reset_index()
 
 
 def overhead(df: pd.DataFrame, frames: int, method: str = "resadapt_hard") -> dict:
-    """Allocator share of ResAdapt's end-to-end time, and its speed-up over Vanilla at the same frame count."""
+    """Allocator share of ResAdapt's end-to-end time, and its speed-up over Vanilla at the same frame count,
+    with 95% intervals (the speed-up's from resampling the two methods' samples separately)."""
     part = df[(df.grid == "frames") & (df.frames == frames)]
     ours, van = part[part.method == method], part[part.method == "vanilla"]
     if ours.empty or van.empty:
         return {}
-    alloc = (ours["t_allocator_encode"] + ours["t_allocator_predict"] + ours["t_allocator_budget"]).mean()
+    alloc = ours["t_allocator_encode"] + ours["t_allocator_predict"] + ours["t_allocator_budget"]
+    e2e, v = ours["end_to_end_seconds"].to_numpy(), van["end_to_end_seconds"].to_numpy()
+    rng = np.random.default_rng(0)
+    boot = [
+        v[rng.integers(0, len(v), len(v))].mean() / e2e[rng.integers(0, len(e2e), len(e2e))].mean()
+        for _ in range(1000)
+    ]
+    share = alloc.to_numpy() / e2e.mean()
     return {
         "frames": int(frames),
         "method": method,
         "retention": float(ours["retention"].mean()),
-        "allocator_ms": float(alloc * 1000),
-        "end_to_end_ms": float(ours["end_to_end_seconds"].mean() * 1000),
-        "allocator_share": float(alloc / ours["end_to_end_seconds"].mean()),
-        "vanilla_end_to_end_ms": float(van["end_to_end_seconds"].mean() * 1000),
-        "speedup_over_vanilla": float(van["end_to_end_seconds"].mean() / ours["end_to_end_seconds"].mean()),
+        "allocator_ms": float(alloc.mean() * 1000),
+        "end_to_end_ms": float(e2e.mean() * 1000),
+        "allocator_share": float(share.mean()),
+        "allocator_share_ci": list(mean_ci(share)[1:]),
+        "vanilla_end_to_end_ms": float(v.mean() * 1000),
+        "speedup_over_vanilla": float(v.mean() / e2e.mean()),
+        "speedup_ci": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
     }
 
 
-def frontier_checks(df: pd.DataFrame, task: str = "detail_qa", max_retention: float = 0.15) -> dict:
-    """Issue 4's frontier bars on `task`, measured (reported, not asserted): ResAdapt at retention <= 15%
-    against Vanilla - 2 points, FixedScale at the same target + 15 points, and 90% of the Oracle."""
-    f = frontier(df, task)
-    if f.empty:
+def _paired(df: pd.DataFrame, a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of two (method, R) rows of one frontier slice on the samples both saw, aligned by id."""
+    sa = df[(df.method == a[0]) & (df.R == a[1])].set_index("id")["score"]
+    sb = df[(df.method == b[0]) & (df.R == b[1])].set_index("id")["score"]
+    common = sa.index.intersection(sb.index)
+    return sa.loc[common].to_numpy(), sb.loc[common].to_numpy()
+
+
+def _bar(df: pd.DataFrame, row: tuple, ref: tuple, weight: float = 1.0, margin: float = 0.0) -> dict | None:
+    """Paired check mean(row) >= weight * mean(ref) + margin: the difference with its 95% interval and
+    whether it holds at the interval's lower end (and at the point estimate)."""
+    a, b = _paired(df, row, ref)
+    if len(a) == 0:
+        return None
+    m, lo, hi = paired_ci(a, b, weight)
+    return {
+        "reference": f"{ref[0]}@{ref[1]}",
+        "reference_accuracy": float(b.mean()),
+        "difference": m - margin,
+        "ci": [lo - margin, hi - margin],
+        "holds": bool(m - margin >= 0),
+        "holds_at_ci_low": bool(lo - margin >= 0),
+    }
+
+
+def frontier_checks(
+    df: pd.DataFrame, task: str = "detail_qa", max_retention: float = 0.15, frames: int | None = None
+) -> dict:
+    """The frontier bars on `task`, each a paired bootstrap over the same test samples: every ResAdapt row at
+    retention <= `max_retention` (its own, and the hard budget at each target R) against Vanilla - 2 points,
+    FixedScale at the same target + 15 points, and 90% of the Oracle. The deterministic (own-retention) row is
+    compared with FixedScale and the Oracle at the grid's largest target R not above its measured retention."""
+    part = df[(df.grid == "main") & (df.task == task)]
+    if part.empty:
         return {}
-
-    def acc(method: str, r: str) -> float | None:
-        row = f[(f.method == method) & (f.R == r)]
-        return float(row.accuracy.iloc[0]) if len(row) else None
-
-    vanilla = acc("vanilla", "own")
-    out: dict[str, Any] = {"task": task, "vanilla": vanilla, "rows": {}}
-    for _, r in f[(f.method.isin(["resadapt", "resadapt_hard"])) & (f.retention <= max_retention)].iterrows():
-        fixed, oracle = acc("fixed_scale", r.R), acc("oracle", r.R)
-        key = f"{r.method}@{r.R}"
-        out["rows"][key] = {
+    part = _with_labels(part[part.frames == (frames if frames is not None else part.frames.min())])
+    f = frontier(df, task, frames)
+    budgets = sorted({r for r in f.R if r != "own"}, key=float)
+    out: dict[str, Any] = {"task": task, "rows": {}}
+    for _, r in f[f.method.isin(["resadapt", "resadapt_hard"]) & (f.retention <= max_retention)].iterrows():
+        at = r.R
+        if r.R == "own":
+            below = [b for b in budgets if float(b) <= r.retention + 1e-9]
+            at = below[-1] if below else None
+        row = (r.method, r.R)
+        bars = {"ge_vanilla_minus_2_points": _bar(part, row, ("vanilla", "own"), 1.0, -0.02)}
+        if at is not None:
+            bars["ge_fixed_scale_plus_15_points"] = _bar(part, row, ("fixed_scale", at), 1.0, 0.15)
+            bars["ge_90pct_of_oracle"] = _bar(part, row, ("oracle", at), 0.9)
+        out["rows"][f"{r.method}@{r.R}"] = {
             "accuracy": float(r.accuracy),
+            "ci": [float(r.low), float(r.high)],
             "retention": float(r.retention),
-            "fixed_scale": fixed,
-            "oracle": oracle,
-            "ge_vanilla_minus_2_points": None if vanilla is None else bool(r.accuracy >= vanilla - 0.02),
-            "ge_fixed_scale_plus_15_points": None if fixed is None else bool(r.accuracy >= fixed + 0.15),
-            "ge_90pct_of_oracle": None if oracle is None else bool(r.accuracy >= 0.9 * oracle),
+            "compared_at_R": at,
+            "bars": {k: v for k, v in bars.items() if v is not None},
         }
     return out
 
 
-def frames_checks(df: pd.DataFrame, reference_frames: int, method: str = "resadapt_hard") -> dict:
-    """ResAdapt with >= 32 frames at the token budget of Vanilla with `reference_frames` frames: relative gain."""
-    t = frames_table(df)
-    if ("vanilla", reference_frames) not in t.index:
+def oracle_bound_checks(df: pd.DataFrame) -> dict:
+    """Is the Oracle the upper bound it claims to be? For every (grid, source, frames, target R) and every
+    other budgeted input-side method: the paired difference method - Oracle; a flag where its 95% interval
+    lies above 0 (the method beats the Oracle beyond noise)."""
+    from resadapt.baselines import METHODS
+
+    input_side = [m for m, c in METHODS.items() if c.budgeted and c.pruning is None and m != "oracle"]
+    part = _with_labels(df[df.method.isin([*input_side, "oracle"]) & df.budget.notna()])
+    checked, flags = 0, []
+    for (grid, task, frames, R), cell in part.groupby(["grid", "task", "frames", "R"], sort=False):
+        if "oracle" not in set(cell.method):
+            continue
+        for m in sorted(set(cell.method) - {"oracle"}):
+            a, b = _paired(cell, (m, R), ("oracle", R))
+            if len(a) == 0:
+                continue
+            checked += 1
+            mean, lo, hi = paired_ci(a, b)
+            if lo > 0:
+                flags.append(
+                    {
+                        "grid": grid,
+                        "task": task,
+                        "frames": int(frames),
+                        "R": R,
+                        "method": m,
+                        "difference": mean,
+                        "ci": [lo, hi],
+                    }
+                )
+    return {"comparisons": checked, "flags": flags, "holds": not flags}
+
+
+def frames_checks(
+    df: pd.DataFrame,
+    reference_frames: int,
+    method: str = "resadapt_hard",
+    factor: int = 4,
+    gain: float = 0.15,
+) -> dict:
+    """Frames scaling against the best reference at equal visual tokens: at every frame count F >= `factor` x
+    `reference_frames`, `method` with F frames against Vanilla with `reference_frames` frames (the most frames
+    Vanilla can have with these tokens), and FixedScale and frame selection with F frames at the same
+    tokens. The bar ("gains >= 15% relative over the best of them") is checked against each reference with a
+    paired bootstrap of mean(ours) - 1.15 x mean(reference) over the same videos."""
+    part = df[df.grid == "frames"].assign(R="f")
+    if part.empty or not (part.method == "vanilla").any():
         return {}
-    base = float(t.loc[("vanilla", reference_frames), "accuracy_%"])
-    out = {"reference": f"vanilla@{reference_frames}", "reference_accuracy_%": base, "rows": {}}
-    for (m, f), row in t.iterrows():
-        if m == method and f >= 32:
-            gain = (row["accuracy_%"] - base) / base if base > 0 else float("nan")
-            out["rows"][str(f)] = {
-                "accuracy_%": float(row["accuracy_%"]),
-                "visual_tokens": float(row["visual_tokens"]),
-                "relative_gain": gain,
-                "gain_ge_15pct": bool(gain >= 0.15),
+    out: dict[str, Any] = {"method": method, "reference_frames": reference_frames, "rows": {}}
+    base = part[(part.method == "vanilla") & (part.frames == reference_frames)]
+    for F in sorted(part.frames.unique()):
+        if F < factor * reference_frames:
+            continue
+        ours = part[(part.method == method) & (part.frames == F)]
+        if ours.empty:
+            continue
+        refs = {f"vanilla@{reference_frames}": base}
+        refs |= {
+            f"{m}@{F}": part[(part.method == m) & (part.frames == F)]
+            for m in ("fixed_scale", "frame_selection")
+        }
+        rows = {}
+        for name, ref in refs.items():
+            if ref.empty:
+                continue
+            both = pd.concat([ours.assign(method="ours"), ref.assign(method="ref")])
+            a, b = _paired(both, ("ours", "f"), ("ref", "f"))
+            m, lo, hi = paired_ci(a, b, 1.0 + gain)
+            rows[name] = {
+                "reference_accuracy": float(b.mean()),
+                "relative_gain": float(a.mean() / b.mean() - 1.0) if b.mean() > 0 else float("inf"),
+                "margin": m,
+                "margin_ci": [lo, hi],
+                "holds_at_ci_low": bool(lo >= 0),
             }
+        out["rows"][str(int(F))] = {
+            "accuracy": float(ours.score.mean()),
+            "ci": list(mean_ci(ours.score)[1:]),
+            "visual_tokens": float(ours.visual_tokens.mean()),
+            "references": rows,
+            "best_reference": max(rows, key=lambda k: rows[k]["reference_accuracy"]) if rows else None,
+            "holds_at_ci_low": bool(rows) and all(r["holds_at_ci_low"] for r in rows.values()),
+        }
     return out
 
 
@@ -193,7 +355,8 @@ def np_default(o):
 # ---------------------------------------------------------------------------------------------------------
 # The evaluate stage.
 
-ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")
+ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")  # the trained Allocator
+PRIOR_METHODS = ("prior_only", "prior_only_hard")  # the untrained one (its relevance prior)
 
 
 def stage_cells(params) -> list[Cell]:
@@ -225,7 +388,8 @@ def source_rows(params, source: str) -> tuple[list[dict], Path]:
 
 
 def stage_context(params, model, processor, methods: Iterable[str]) -> MethodContext:
-    """Method context for the stage; loads the trained Allocator only when a method needs it."""
+    """Method context for the stage; loads the trained Allocator (and builds the untrained one from
+    `allocator` params and `seed`) only when a method needs it."""
     context = MethodContext(
         geometry=VisionGeometry.from_processor(processor),
         s_min=params.budget.s_min,
@@ -238,6 +402,9 @@ def stage_context(params, model, processor, methods: Iterable[str]) -> MethodCon
                 f"allocator.path {path} holds no trained Allocator; run the train stage (dvc repro train)"
             )
         context.allocator = Allocator.from_pretrained(path)
+    if set(methods) & set(PRIOR_METHODS):
+        context.prior_allocator = build_allocator(params, model)
+    if set(methods) & {*ALLOCATOR_METHODS, *PRIOR_METHODS}:
         context.allocator_tokenizer = query_tokenizer(params.allocator, processor)
     return context
 
@@ -306,7 +473,9 @@ def run_stage(
         results = _run_cells(params, model, processor, cells, workers, server)
     for i in sorted(results):
         log.write(results[i])
-    return read_results(log.path)
+    df = read_results(log.path)
+    write_lmms_eval(df, log.path.parent / "lmms_eval")
+    return df
 
 
 def _run_cells(params, model, processor, cells, workers, server) -> dict[int, list[dict]]:
@@ -333,63 +502,91 @@ def _run_cells(params, model, processor, cells, workers, server) -> dict[int, li
     return results
 
 
+def _records(t: pd.DataFrame) -> dict:
+    def name(k) -> str:
+        return " ".join(str(x) for x in k if str(x)) if isinstance(k, tuple) else str(k)
+
+    return {name(k): {name(c): v for c, v in row.items()} for k, row in t.to_dict("index").items()}
+
+
 def stage_metrics(df: pd.DataFrame, params) -> dict:
-    """Everything the report states, for `dvc metrics show`: both tables, frames scaling, overhead, checks."""
+    """Everything the report states, for `dvc metrics show`: both tables and frames scaling with their 95%
+    intervals, overhead, and every bar check with its paired interval."""
     ev = params.evaluate
-
-    def records(t: pd.DataFrame) -> dict:
-        def name(k) -> str:
-            return " ".join(str(x) for x in k if str(x)) if isinstance(k, tuple) else str(k)
-
-        return {name(k): {name(c): v for c, v in row.items()} for k, row in t.to_dict("index").items()}
-
     return {
-        "qa": records(qa_table(df)),
-        "grounding": records(grounding_table(df)),
-        "frames": records(frames_table(df)),
+        "qa": _records(qa_table(df)),
+        "grounding": _records(grounding_table(df)),
+        "frames": _records(frames_table(df)),
         "frontier_detail_qa": frontier_checks(df, "detail_qa"),
+        "oracle_bound": oracle_bound_checks(df),
         "frames_scaling": frames_checks(df, ev.frames_reference),
         "overhead": overhead(df, ev.overhead_frames),
         "speedup_at_lowest_retention": overhead(df, max(ev.frames)),
         "samples": int(len(df)),
+        "samples_per_cell": int(
+            df.groupby(["grid", "task", "frames", "method", "budget"], dropna=False).size().min()
+        ),
     }
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def check_lines(metrics: dict) -> list[str]:
-    """The issue's bars in words, each with the measured figure and, where it falls short, by how much."""
+    """The bars in words: each with its measured difference, 95% interval and whether it holds at the
+    interval's lower end (paired bootstrap over the same test samples)."""
     lines = []
     front = metrics.get("frontier_detail_qa") or {}
-    van = front.get("vanilla")
     for key, r in (front.get("rows") or {}).items():
-        acc, ret = 100 * r["accuracy"], 100 * r["retention"]
-        head = f"{key} on detail QA: {acc:.1f}% at retention {ret:.1f}%"
-        bars = []
-        if van is not None:
-            bars.append(("Vanilla - 2 points", 100 * van - 2))
-        if r["fixed_scale"] is not None:
-            bars.append(("FixedScale + 15 points", 100 * r["fixed_scale"] + 15))
-        if r["oracle"] is not None:
-            bars.append(("90% of the Oracle", 90 * r["oracle"]))
-        parts = [
-            f"{name} = {bar:.1f}: " + ("met" if acc >= bar - 1e-9 else f"short by {bar - acc:.1f} points")
-            for name, bar in bars
-        ]
+        head = (
+            f"{key} on detail QA: {_pct(r['accuracy'])}% [{_pct(r['ci'][0])}, {_pct(r['ci'][1])}] at retention "
+            f"{_pct(r['retention'])}%"
+        )
+        parts = []
+        for name, bar in r["bars"].items():
+            verdict = (
+                "holds at the CI low end"
+                if bar["holds_at_ci_low"]
+                else ("holds at the point estimate only" if bar["holds"] else "missed")
+            )
+            parts.append(
+                f"{name.replace('_', ' ')} (vs {bar['reference']}): margin {_pct(bar['difference'])} points "
+                f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {verdict}"
+            )
         lines.append(head + "; " + "; ".join(parts))
-    frames = metrics.get("frames_scaling") or {}
-    for f, r in (frames.get("rows") or {}).items():
-        gain = 100 * r["relative_gain"]
+    bound = metrics.get("oracle_bound") or {}
+    if bound:
         lines.append(
-            f"resadapt_hard with {f} frames at the token budget of {frames['reference']} "
-            f"({frames['reference_accuracy_%']:.1f}%): {r['accuracy_%']:.1f}%, {gain:+.1f}% relative "
-            + ("(bar +15%: met)" if r["gain_ge_15pct"] else f"(bar +15%: short by {15 - gain:.1f} points)")
+            f"Oracle upper bound: {bound['comparisons']} paired comparisons, "
+            + ("no method above it beyond its CI" if bound["holds"] else f"{len(bound['flags'])} flagged: ")
+            + "; ".join(
+                f"{f['method']} {f['task']} F={f['frames']} R={f['R']} +{_pct(f['difference'])}"
+                for f in bound.get("flags", [])
+            )
+        )
+    frames = metrics.get("frames_scaling") or {}
+    for F, r in (frames.get("rows") or {}).items():
+        refs = "; ".join(
+            f"{name} {_pct(ref['reference_accuracy'])}% ({100 * ref['relative_gain']:+.0f}% relative, "
+            + ("holds" if ref["holds_at_ci_low"] else "missed")
+            + " at the CI low end)"
+            for name, ref in r["references"].items()
+        )
+        lines.append(
+            f"{frames['method']} with {F} frames at equal tokens: {_pct(r['accuracy'])}% "
+            f"[{_pct(r['ci'][0])}, {_pct(r['ci'][1])}] vs {refs}; bar >= +15% over every reference: "
+            + ("met" if r["holds_at_ci_low"] else "missed")
         )
     for key in ("overhead", "speedup_at_lowest_retention"):
         o = metrics.get(key) or {}
         if o:
+            lo, hi = o["speedup_ci"]
             lines.append(
-                f"{o['method']} at {o['frames']} frames (retention {100 * o['retention']:.1f}%): Allocator "
+                f"{o['method']} at {o['frames']} frames (retention {_pct(o['retention'])}%): Allocator "
                 f"{o['allocator_ms']:.0f} ms = {100 * o['allocator_share']:.0f}% of {o['end_to_end_ms']:.0f} ms "
-                f"end to end; Vanilla {o['vanilla_end_to_end_ms']:.0f} ms; speed-up {o['speedup_over_vanilla']:.2f}x"
+                f"end to end; Vanilla {o['vanilla_end_to_end_ms']:.0f} ms; speed-up {o['speedup_over_vanilla']:.2f}x "
+                f"[{lo:.2f}, {hi:.2f}]"
             )
     return lines
 

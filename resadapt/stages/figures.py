@@ -7,10 +7,6 @@ budget, allocation heatmaps next to the frames (active perception), and the late
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

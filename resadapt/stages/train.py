@@ -22,34 +22,13 @@ from safetensors.torch import load_file
 from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from resadapt.allocator import Allocator, query_tokenizer
+from resadapt.allocator import Allocator, build_allocator, query_tokenizer
 from resadapt.baselines import MethodContext, build_method
 from resadapt.budget import realise
 from resadapt.config import Params, RLParams
 from resadapt.data.embedded import split_rows
 from resadapt.trainer import CAPOTrainer, CAPOTrainerConfig
 from resadapt.vllm_backend import VLLMBackend, server_from_params
-
-
-def build_allocator(params: Params, backbone) -> Allocator:
-    """A fresh Allocator over the configured frozen encoder (initial policy: `AllocatorConfig` defaults plus
-    `allocator.relevance_init` trust in the relevance prior).
-
-    Its weights are drawn from `params.seed`: the Trainer seeds the RNG only once it is constructed, after
-    the Allocator, and the global RNG state of a fresh process is not fixed (measured: two processes built
-    different decoders, so two runs with one seed diverged from step 2; torch seeds it at random).
-    """
-    a = params.allocator
-    kwargs = a.model_kwargs()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
-        if a.encoder == "backbone":
-            return Allocator.from_backbone(backbone, **kwargs)
-        import transformers
-
-        smol = transformers.AutoModelForImageTextToText.from_pretrained(a.encoder_path)
-        return Allocator.from_smolvlm(smol, **kwargs)
-
 
 # Library code a run's trajectory depends on: a checkpoint written by other code is not resumed.
 _RUN_CODE = (
