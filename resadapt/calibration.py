@@ -16,8 +16,19 @@ from resadapt.budget import VisionGeometry, realise
 from resadapt.data.sample import LoadedSample
 from resadapt.rewards import score
 
-# accuracy of a uniform guess among the ten digits; grounding (mIoU) has no single chance level
-CHANCE = {"detail_qa": 0.1, "image_qa": 0.1, "long_video": 0.1, "multi_frame": 0.1, "grounding": float("nan")}
+
+def chance_levels(samples: list[LoadedSample]) -> dict[str, float]:
+    """Per task, the accuracy of always giving its most frequent answer (the majority answer over these
+    samples, e.g. the test split): the real floor of a model that ignores the video. A uniform guess is
+    lower whenever the answers are unbalanced ("the larger of two digits" is 9 in 9 of 45 pairs).
+    Grounding (scored by IoU) has no such level: NaN."""
+    answers: dict[str, list[str]] = {}
+    for s in samples:
+        answers.setdefault(s.row["task"], []).append(str(s.row["answer"]))
+    return {
+        task: float("nan") if task == "grounding" else max(map(a.count, set(a))) / len(a)
+        for task, a in answers.items()
+    }
 
 
 def condition_scales(name: str, sample: LoadedSample, s_min: float, tp: int) -> np.ndarray:
@@ -71,11 +82,11 @@ def calibrate(
     return pd.DataFrame(rows)
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy (mean score) and mean measured retention per task and condition, with chance level."""
+def summarise(df: pd.DataFrame, chance: dict[str, float]) -> pd.DataFrame:
+    """Accuracy (mean score) and mean measured retention per task and condition, with the chance level."""
     out = df.groupby(["task", "condition"], sort=False).agg(
         accuracy=("score", "mean"), retention=("retention", "mean"), n=("score", "size")
     )
     out = out.reset_index()
-    out["chance"] = out["task"].map(CHANCE)
+    out["chance"] = out["task"].map(chance)
     return out

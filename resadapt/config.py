@@ -145,9 +145,13 @@ class TinyParams(_Section):
 
 
 class SFTParams(_Section):
-    dense_minutes: Annotated[float, Field(ge=0.0)] = 3.0
-    crop_minutes: Annotated[float, Field(ge=0.0)] = 3.0
-    sft_minutes: Annotated[float, Field(ge=0.0)] = 7.0
+    """The tiny backbone's recipe (resadapt/sft.py `train_backbone`): steps per phase, so a run is the same
+    on any machine; the learning-rate schedules follow step / steps. `time_limit_minutes` is an opt-in
+    wall-clock cap per phase (a phase it stops is no longer reproducible elsewhere; the log says so)."""
+
+    dense_steps: Annotated[int, Field(ge=0)] = 339
+    crop_steps: Annotated[int, Field(ge=0)] = 1009
+    sft_steps: Annotated[int, Field(ge=0)] = 523
     dense_batch: PositiveInt = 16
     crop_batch: PositiveInt = 16
     sft_batch: PositiveInt = 4
@@ -157,7 +161,7 @@ class SFTParams(_Section):
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
     vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     clip: Annotated[float, Field(gt=0.0)] = 1.0
-    max_steps: PositiveInt | None = None
+    time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None  # opt-in wall-clock cap per phase
 
 
 class CalibrationParams(_Section):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from resadapt.backbone import VisualInput, build_messages, chunk_metadata
 from resadapt.budget import VisionGeometry, resize_video
+from resadapt.config import SFTParams
 from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card, token_labels
 
 
@@ -259,55 +260,37 @@ def assistant_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return labels
 
 
-@dataclass
-class SFTSchedule:
-    """Time-boxed schedule (minutes of wall clock on the machine that runs it), batch sizes and rates."""
-
-    dense_minutes: float = 3.0
-    crop_minutes: float = 3.0
-    sft_minutes: float = 7.0
-    dense_batch: int = 16
-    sft_batch: int = 4
-    crop_batch: int = 16
-    dense_lr: float = 3e-3
-    sft_lr: float = 2e-3
-    dense_weight: float = 0.2
-    s_min: float = 0.125
-    p_full: float = 0.7
-    seed: int = 0
-    max_steps: int | None = None  # for tests: stop after this many steps per stage regardless of time
-    vision_lr_scale: float = 0.1
-    clip: float = 1.0
-
-
-def _loop(name, minutes, max_steps, step_fn, log: Callable[[dict], None] | None):
+def _loop(name, steps, time_limit_minutes, step_fn, log: Callable[[dict], None] | None):
+    """Run `step_fn(step, step / steps)` `steps` times (or until the opt-in time limit); logs every step."""
     t0 = time.time()
-    step = 0
-    while True:
-        elapsed = time.time() - t0
-        if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed >= minutes * 60):
-            break
-        stats = step_fn(step, elapsed / max(minutes * 60, 1e-9))
-        step += 1
+    for step in range(steps):
+        if time_limit_minutes is not None and time.time() - t0 >= time_limit_minutes * 60:
+            print(f"{name}: time limit of {time_limit_minutes} min reached after {step} of {steps} steps")
+            return step
+        stats = step_fn(step, step / steps)
         if log is not None:
-            log({"stage": name, "step": step, "time_s": round(time.time() - t0, 1), **stats})
-    return step
+            log({"stage": name, "step": step + 1, "time_s": round(time.time() - t0, 1), **stats})
+    return steps
 
 
 def train_backbone(
     model,
     processor,
     examples: Callable[[np.random.Generator, float], Iterator[Example]],
-    schedule: SFTSchedule,
+    schedule: SFTParams,
+    s_min: float,
+    seed: int,
     log: Callable[[dict], None] | None = None,
 ):
-    """Run the recipe in place on `model`.
+    """Run the recipe in place on `model`: `schedule` gives the step count of each phase, batch sizes and
+    rates (counted in steps, so the same params and seed give the same model on any machine); `s_min` is the
+    smallest scale chunks are shown at.
 
     `examples(rng, crop_prob)` yields training examples forever, a `crop_prob` share of card videos in
     the short curriculum view (`crop_example`).
     """
-    rng = np.random.default_rng(schedule.seed)
-    torch.manual_seed(schedule.seed)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     head = DenseHead(model, processor.tokenizer)
     streams = {}
 
@@ -327,7 +310,7 @@ def train_backbone(
             g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
         # short crop views: every card at full detail with little background, so a step is cheap
         exs = take(schedule.dense_batch, 1.0)
-        scales = [chunk_scales_for(e, rng, schedule.s_min, 0.5) for e in exs]
+        scales = [chunk_scales_for(e, rng, s_min, 0.5) for e in exs]
         pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng)
         loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
         opt.zero_grad()
@@ -336,7 +319,7 @@ def train_backbone(
         opt.step()
         return {"loss": round(loss.item(), 4), "card_digit_acc": round(acc, 3)}
 
-    _loop("dense", schedule.dense_minutes, schedule.max_steps, dense_step, log)
+    _loop("dense", schedule.dense_steps, schedule.time_limit_minutes, dense_step, log)
 
     vision = list(model.model.visual.parameters())
     vision_ids = {id(p) for p in vision}
@@ -357,7 +340,7 @@ def train_backbone(
             warm = min(1.0, (step + 1) / 20)
             g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         exs = take(batch_size, crop_prob)
-        scales = [chunk_scales_for(e, rng, schedule.s_min, schedule.p_full) for e in exs]
+        scales = [chunk_scales_for(e, rng, s_min, schedule.p_full) for e in exs]
         batch, dense = conversation_inputs(processor, exs, scales)
         capture.take()
         loss = model(**batch).loss
@@ -379,8 +362,8 @@ def train_backbone(
     def crop_step(step, frac):
         return sft_step(step, frac, crop_prob=1.0, batch_size=schedule.crop_batch)
 
-    _loop("crop", schedule.crop_minutes, schedule.max_steps, crop_step, log)
-    _loop("sft", schedule.sft_minutes, schedule.max_steps, sft_step, log)
+    _loop("crop", schedule.crop_steps, schedule.time_limit_minutes, crop_step, log)
+    _loop("sft", schedule.sft_steps, schedule.time_limit_minutes, sft_step, log)
     capture.close()
     model.eval()
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import SMALL_BACKBONE as SMALL
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry, realise
 from resadapt.calibration import condition_scales
+from resadapt.config import SFTParams
 from resadapt.data.embedded import (
     CELL,
     COLOURS,
@@ -22,7 +25,6 @@ from resadapt.data.embedded import (
 from resadapt.data.sample import LoadedSample
 from resadapt.sft import (
     Example,
-    SFTSchedule,
     assistant_labels,
     chunk_token_labels,
     conversation_inputs,
@@ -79,6 +81,29 @@ def test_assistant_labels_mark_every_answer_turn():
     assert (assistant_labels(ids, tok) == -100).all()
 
 
+def _train_twice_the_same():
+    def examples(rng, crop_prob):
+        while True:
+            ex = _example(rng)
+            yield crop_example(ex, rng) if rng.random() < crop_prob else ex
+
+    weights = []
+    for _ in range(2):
+        model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL))
+        schedule = SFTParams(
+            dense_steps=2, crop_steps=1, sft_steps=2, dense_batch=2, crop_batch=2, sft_batch=2
+        )
+        time.sleep(0.3)  # a different wall clock: the schedule must not depend on it
+        train_backbone(model, processor, examples, schedule, 0.125, 7)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    return weights
+
+
+def test_train_backbone_is_bit_identical_for_the_same_params_and_seed():
+    a, b = _train_twice_the_same()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_backbone_runs_every_phase_and_changes_weights():
     model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -93,7 +118,9 @@ def test_train_backbone_runs_every_phase_and_changes_weights():
         model,
         processor,
         examples,
-        SFTSchedule(max_steps=2, dense_batch=2, crop_batch=2, sft_batch=2),
+        SFTParams(dense_steps=2, crop_steps=2, sft_steps=2, dense_batch=2, crop_batch=2, sft_batch=2),
+        0.125,
+        0,
         log.append,
     )
     assert [r["stage"] for r in log] == ["dense"] * 2 + ["crop"] * 2 + ["sft"] * 2
@@ -171,3 +198,16 @@ def test_split_examples_workers_do_not_repeat_each_other(tmp_path):
     assert not all(a == b for a, b in zip(keys[::2], keys[1::2], strict=True)), (
         "two workers sent the same videos"
     )
+
+
+def test_chance_is_the_majority_answer_of_the_samples():
+    from resadapt.calibration import chance_levels
+
+    def sample(task, answer):
+        row = {"id": answer, "task": task, "answer": answer, "media_type": "image"}
+        return LoadedSample(row, np.zeros((28, 28, 3), np.uint8), [0], 0.0, np.array([True]))
+
+    samples = [sample("multi_frame", a) for a in ("9", "9", "7", "5")]
+    samples += [sample("detail_qa", a) for a in "0123456789"] + [sample("grounding", "1.0-2.0")]
+    chance = chance_levels(samples)
+    assert chance["multi_frame"] == 0.5 and chance["detail_qa"] == 0.1 and np.isnan(chance["grounding"])

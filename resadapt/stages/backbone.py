@@ -20,11 +20,11 @@ from resadapt.backbone import (
     write_pointer,
 )
 from resadapt.budget import VisionGeometry, resize_video
-from resadapt.calibration import CHANCE, calibrate, summarise
+from resadapt.calibration import calibrate, chance_levels, summarise
 from resadapt.config import Params
 from resadapt.data.embedded import load_benchmark
 from resadapt.data.sample import load_sample
-from resadapt.sft import SFTSchedule, split_examples, train_backbone
+from resadapt.sft import split_examples, train_backbone
 
 
 def _fresh_output(path: Path) -> None:
@@ -57,7 +57,6 @@ def backbone_stage(params: Params):
     model, processor = build_tiny_backbone(spec)
     dataset = load_benchmark(params.data.root)
     examples = split_examples(list(dataset["train"]), params.data.root, params.data.num_frames)
-    schedule = SFTSchedule(**params.backbone.sft.model_dump(), s_min=params.budget.s_min, seed=params.seed)
     log: list[dict] = []
 
     def record(entry: dict) -> None:
@@ -65,9 +64,19 @@ def backbone_stage(params: Params):
         if entry["step"] % 50 == 0:  # papermill --log-output shows these lines while the stage runs
             print({k: v for k, v in entry.items() if k != "grad_norm"}, flush=True)
 
-    train_backbone(model, processor, examples, schedule, record)
+    train_backbone(model, processor, examples, params.backbone.sft, params.budget.s_min, params.seed, record)
     save_backbone(model, processor, out)
     return model, processor, pd.DataFrame(log)
+
+
+def phase_summary(log: pd.DataFrame) -> dict:
+    """Steps and seconds of each training phase (the steps are the params'; the seconds this machine's)."""
+    if log.empty:
+        return {}
+    return {
+        str(stage): {"steps": int(part.step.max()), "seconds": float(part.time_s.max())}
+        for stage, part in log.groupby("stage", sort=False)
+    }
 
 
 def calibration_conditions(params: Params) -> list[str]:
@@ -92,14 +101,15 @@ def calibrate_backbone(params: Params, model, processor, split: str = "test"):
     """Per-sample calibration log and its summary table (accuracy and measured retention per condition)."""
     gen = params.backbone.generation
     backend = TransformersBackend(model, processor, gen.max_new_tokens, gen.batch_size)
+    samples = calibration_samples(params, split)
     per_sample = calibrate(
         backend,
-        calibration_samples(params, split),
+        samples,
         calibration_conditions(params),
         VisionGeometry.from_processor(processor),
         params.budget.s_min,
     )
-    return per_sample, summarise(per_sample)
+    return per_sample, summarise(per_sample, chance_levels(samples))
 
 
 def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail_qa") -> dict:
@@ -116,7 +126,7 @@ def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail
     part = table[table.task == task].set_index("condition")
     if part.empty:
         return metrics
-    chance = CHANCE[task]
+    chance = float(part["chance"].iloc[0])
     uniform = part[part.index.str.startswith("uniform_")]
     low = uniform.iloc[(uniform.retention - 0.135).abs().argsort()[:1]]
     full = float(part.loc["full", "accuracy"])
@@ -180,8 +190,9 @@ def plot_calibration(table: pd.DataFrame):
         for cond, marker in (("oracle", "*"), ("anti_oracle", "X")):
             point = part[part.condition == cond]
             ax.plot(point.retention, point.accuracy, marker, markersize=11, label=cond.replace("_", "-"))
-        if not np.isnan(CHANCE[task]):
-            ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
+        chance = float(part["chance"].iloc[0])
+        if not np.isnan(chance):
+            ax.axhline(chance, color="grey", linestyle=":", label="chance (majority answer)")
         ax.set(title=task, xlabel="measured retention", xlim=(0, 1.05), ylim=(-0.02, 1.02))
     axes[0, 0].set_ylabel("accuracy (grounding: mIoU)")
     axes[0, -1].legend(fontsize=7, loc="lower right")
