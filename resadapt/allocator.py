@@ -290,10 +290,17 @@ class FrameFeatures:
 
 @dataclass
 class AllocatorOutput(ModelOutput):
-    """Beta parameters per frame (masked frames: alpha = beta = 1) and the pooled frame features."""
+    """Beta parameters per frame (masked frames: alpha = beta = 1) and the pooled frame features.
+
+    `alpha`, `beta` are clamped to [1, beta_max] (the policy); `alpha_raw`, `beta_raw` are the same before the
+    clamp, for the concentration regularizer: on the clamped values its gradient is exactly 0 at beta_max,
+    so a saturated frame could never be pulled back (the authors regularize the unclamped values).
+    """
 
     alpha: torch.Tensor | None = None
     beta: torch.Tensor | None = None
+    alpha_raw: torch.Tensor | None = None
+    beta_raw: torch.Tensor | None = None
     frame_mask: torch.Tensor | None = None
     frame_features: torch.Tensor | None = None
     pool_weights: torch.Tensor | None = None
@@ -859,12 +866,17 @@ class Allocator(PreTrainedModel):
                 metric(frame_tokens.to(metric.weight.dtype)).float(), frame_mask, query.float(), query_mask
             )
             raw = raw + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype)).float()
-        ab = (F.softplus(self.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(1.0, self.config.beta_max)
+        unclamped = F.softplus(self.config.beta_param_scale * raw) + 1.0 + 1e-6
+        ab = unclamped.clamp(1.0, self.config.beta_max)
         one = torch.ones_like(ab[..., 0])
-        alpha = torch.where(frame_mask, ab[..., 0], one)
-        beta = torch.where(frame_mask, ab[..., 1], one)
         return AllocatorOutput(
-            alpha=alpha, beta=beta, frame_mask=frame_mask, frame_features=pooled, pool_weights=pool_weights
+            alpha=torch.where(frame_mask, ab[..., 0], one),
+            beta=torch.where(frame_mask, ab[..., 1], one),
+            alpha_raw=torch.where(frame_mask, unclamped[..., 0], one),
+            beta_raw=torch.where(frame_mask, unclamped[..., 1], one),
+            frame_mask=frame_mask,
+            frame_features=pooled,
+            pool_weights=pool_weights,
         )
 
     def scales_from_latent(self, u: torch.Tensor) -> torch.Tensor:

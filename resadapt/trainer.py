@@ -665,7 +665,7 @@ class CAPOTrainer(GRPOTrainer):
             a.allocator_dual_clip,
         )
         c = self.capo_config
-        conc = capo.concentration_loss(out.alpha, out.beta, mask, c.concentration_cap)
+        conc = capo.concentration_loss(out.alpha_raw, out.beta_raw, mask, c.concentration_cap)  # unclamped
         sim = capo.temporal_similarity_loss(
             out.frame_features, out.alpha, out.beta, mask, self.similarity_config
         )

@@ -582,3 +582,22 @@ def test_clip_to_saturation_keeps_the_frame_the_allocator_asked_for():
     clipped = clip_to_saturation([1.2499, 1.0, 0.5], 224, 224, geom, 1.25)
     assert scaled_size(224, 224, clipped[0], geom) == (224, 224)
     assert clipped[0] <= 1.0 and clipped[2] == 0.5
+
+
+def test_the_concentration_regularizer_sees_unclamped_betas(backbone):
+    """At alpha = beta_max the clamped value has no gradient: a saturated frame could never be pulled back.
+    The raw (unclamped) parameters still carry the regularizer's gradient to the head."""
+    from resadapt.capo import concentration_loss
+
+    model, processor = backbone
+    alloc = Allocator.from_backbone(model, processor, beta_max=1.5)  # starts at 1 + ln 2: saturated
+    feats = alloc.encode_frames([_video(0, 4)])
+    q, qm = _query(alloc, [[60, 61, 62]])
+    out = alloc(feats.tokens, feats.mask, q, qm)
+    m = feats.mask
+    assert torch.all(out.alpha[m] == 1.5) and torch.all(out.alpha_raw[m] > 1.5)
+    assert torch.equal(out.alpha_raw[~m], out.alpha[~m])
+    head = alloc.head.out.bias
+    (clamped,) = torch.autograd.grad(concentration_loss(out.alpha, out.beta, m), head, retain_graph=True)
+    (raw,) = torch.autograd.grad(concentration_loss(out.alpha_raw, out.beta_raw, m), head)
+    assert torch.all(clamped == 0) and torch.all(raw > 0)
