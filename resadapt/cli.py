@@ -143,12 +143,9 @@ def _video_options(args) -> dict:
             raise _BadInput(f"--plot {plot} must end in one of {', '.join(_PLOT_SUFFIXES)}")
         if Path(plot).is_dir():
             raise _BadInput(f"--plot {plot} is a folder, not a file")
-    if not Path(args.video).is_file():
-        raise _BadInput(
-            f"video {args.video} does not exist"
-            if not Path(args.video).exists()
-            else f"video {args.video} is not a file"
-        )
+    from resadapt.data.video import probe_video
+
+    probe_video(args.video)  # a missing or unreadable video is named before any model loads
     return out
 
 
@@ -176,8 +173,11 @@ def _fail(command: str, err: BaseException) -> int:
 
 
 def _plug_and_play_errors():
+    from transformers.utils import logging as hf_logging
+
     from resadapt.vllm_backend import VLLMServerError
 
+    hf_logging.disable_progress_bar()  # stderr holds the error line alone
     return (ValueError, OSError, VLLMServerError)
 
 
@@ -192,6 +192,7 @@ def _backbone_processor(path: str):
 
 def _allocate(args) -> int:
     """`resadapt allocate`: the allocation of one video for one question, as a table, JSON or a figure."""
+    errors = _plug_and_play_errors()
     try:
         opts = _video_options(args)
         from resadapt import plug_and_play as pnp
@@ -199,7 +200,7 @@ def _allocate(args) -> int:
         processor = _backbone_processor(args.backbone) if args.backbone else None
         allocator = pnp.PlugAndPlayAllocator.from_pretrained(args.allocator, processor=processor)
         allocation = allocator.allocate(args.video, args.question, **opts)
-    except _plug_and_play_errors() as err:
+    except errors as err:
         return _fail("allocate", err)
     if args.json == "-":
         _write_json("-", allocation.summary())
@@ -216,6 +217,7 @@ def _allocate(args) -> int:
 
 def _answer(args) -> int:
     """`resadapt answer`: allocate, then generate on transformers or a vLLM server; answer, tokens, time."""
+    errors = _plug_and_play_errors()
     try:
         opts = _video_options(args)
         if args.max_new_tokens < 1:
@@ -243,7 +245,7 @@ def _answer(args) -> int:
                 with VLLMServer(backbone_checkpoint(args.backbone), run_dir, venv=args.vllm_venv) as server:
                     backend = VLLMBackend(server.url, server.model_name, processor, args.max_new_tokens, 1)
                     result = pnp.answer(allocation, backend)
-    except _plug_and_play_errors() as err:
+    except errors as err:
         return _fail("answer", err)
     gen = result.generation
     seconds = allocation.timings | result.timings

@@ -601,3 +601,36 @@ def test_the_concentration_regularizer_sees_unclamped_betas(backbone):
     (clamped,) = torch.autograd.grad(concentration_loss(out.alpha, out.beta, m), head, retain_graph=True)
     (raw,) = torch.autograd.grad(concentration_loss(out.alpha_raw, out.beta_raw, m), head)
     assert torch.all(clamped == 0) and torch.all(raw > 0)
+
+
+def test_save_pretrained_writes_a_model_card_and_leaves_weights_and_config_alone(backbone, tmp_path):
+    import yaml
+
+    from resadapt.allocator import model_card
+
+    model, processor = backbone
+    alloc = Allocator.from_backbone(model, processor, dim=32, num_heads=2, pool_hidden=16, head_hidden=16)
+    alloc.save_pretrained(tmp_path / "plain")
+    metrics = {"hard budget accuracy": 0.887, "retention": 0.145, "seeds": 3}
+    alloc.save_pretrained(
+        tmp_path / "card", card_metrics=metrics, card_training="embedded benchmark, train split"
+    )
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "card" / name).read_bytes()
+    card = (tmp_path / "card" / "README.md").read_text()
+    _, header, body = card.split("---\n", 2)
+    meta = yaml.safe_load(header)
+    assert (
+        meta["library_name"] == "transformers" and "resadapt" in meta["tags"] and meta["license"] == "other"
+    )
+    assert "base_model" not in meta  # built from a local model: no hub id to name
+    assert "| hard budget accuracy | 0.887 |" in body and "| seeds | 3 |" in body
+    assert "embedded benchmark, train split" in body and "s in [0.125, 1.25]" in body
+    assert "qwen2_5_vl backbone" in body and "PlugAndPlayAllocator.from_pretrained" in body
+    assert "No measured results" in (tmp_path / "plain" / "README.md").read_text()
+    alloc.card_metrics = {"accuracy": 0.5}  # the attribute route (what a trainer can set before saving)
+    alloc.save_pretrained(tmp_path / "attr")
+    assert "| accuracy | 0.5 |" in (tmp_path / "attr" / "README.md").read_text()
+    config = AllocatorConfig(**{**alloc.config.to_dict(), "encoder_config": {**alloc.config.encoder_config}})
+    config.encoder_config["_name_or_path"] = "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert yaml.safe_load(model_card(config).split("---\n")[1])["base_model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
