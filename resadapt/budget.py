@@ -579,7 +579,13 @@ def clip_to_saturation(
     frame it asked for, so the operator gets clipped scales (the cost proxy clips at the same point).
     """
     arr = _check_allocation(scales)
-    return np.minimum(arr, token_saturation_scale(int(height), int(width), geom, float(s_max)))
+    return np.minimum(arr, _clip_point(int(height), int(width), geom, float(s_max)))
+
+
+def _clip_point(height: int, width: int, geom: VisionGeometry, s_max: float) -> float:
+    """Where scales stop adding tokens: the saturation scale, or s_max when no scale changes the count (a
+    frame held at the processor's pixel floor has one size whatever the scale; clipping to 0 is no scale)."""
+    return token_saturation_scale(height, width, geom, s_max) or s_max
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -639,7 +645,7 @@ def hard_budget_scales(
         tp = geom.temporal_patch_size
         frames_of = np.arange(len(arr)) // tp
         units = np.asarray(chunk_scales(arr, tp), dtype=np.float64)
-    cap = hi_s if is_image else token_saturation_scale(int(height), int(width), geom, hi_s)
+    cap = hi_s if is_image else _clip_point(int(height), int(width), geom, hi_s)
     u = np.clip((units - lo_s) / (hi_s - lo_s), _U_EPS, 1.0 - _U_EPS)
     z = (np.log(u) - np.log1p(-u))[frames_of]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from resadapt.budget import VisionGeometry, token_saturation_scale, uniform_scale_for_retention
 from resadapt.config import CAPOConfig
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "no_cost_advantage",
     "lagrangian_advantage",
     "proxy_cost",
+    "target_cost_for_retention",
     "beta_log_prob",
     "ppo_frame_loss",
     "temporal_similarity_loss",
@@ -133,15 +135,19 @@ def group_zscore(acc: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (a - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(a))
 
 
-def dynamic_pivot(cost: torch.Tensor, cfg: CAPOConfig) -> torch.Tensor:
+def dynamic_pivot(
+    cost: torch.Tensor, cfg: CAPOConfig, target: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """P = alpha_mix * mean(cost) + (1 - alpha_mix) * c*, one per group (shape cost.shape[:-1]).
 
-    The group mean gives a state-aware local baseline; c* anchors the policy to the absolute target.
+    The group mean gives a state-aware local baseline; c* anchors the policy to the absolute target:
+    `target` (a scalar or one per group, e.g. from `target_cost_for_retention`), else `cfg.target_cost`.
     """
     c = _float(cost, "cost")
     if c.ndim == 0:
         raise ValueError("cost must have a group dimension (shape (M,) or (G, M)), got a scalar")
-    return cfg.alpha_mix * c.mean(dim=-1) + (1.0 - cfg.alpha_mix) * cfg.target_cost
+    star = cfg.target_cost if target is None else _float(target, "target").to(c.dtype)
+    return cfg.alpha_mix * c.mean(dim=-1) + (1.0 - cfg.alpha_mix) * star
 
 
 def _correct(acc: torch.Tensor, cfg: CAPOConfig) -> torch.Tensor:
@@ -167,19 +173,19 @@ def asymmetric_shaping(
 
 
 def capo_advantage(
-    acc: torch.Tensor, cost: torch.Tensor, cfg: CAPOConfig
+    acc: torch.Tensor, cost: torch.Tensor, cfg: CAPOConfig, target: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CAPO advantage per allocation: A0 + encouragement * shape - gas * cost, floored when correct.
 
     `acc` is each allocation's mean accuracy over its rollouts, `cost` its proxy cost (`proxy_cost`), both
-    (M,) or (G, M). Correct allocations get max(A, correct_floor) on the *whole* advantage (reference
+    (M,) or (G, M); `target` is c* per group (default `cfg.target_cost`). Correct allocations get max(A, correct_floor) on the *whole* advantage (reference
     §3.2 step 8), so cost never pushes probability away from a correct answer. Groups with M <= 1 get 0
     (reference §3.1). Returns (advantages, parts) with the parts for logging: base, pivot (per group),
     shape, cost_pressure, correct, unfloored.
     """
     a, c = _group_pair(acc, cost)
     base = group_zscore(a)
-    pivot = dynamic_pivot(c, cfg)
+    pivot = dynamic_pivot(c, cfg, target)
     shape = asymmetric_shaping(a, c, pivot, cfg)
     pressure = cfg.gas * c
     unfloored = base + cfg.encouragement * shape - pressure
@@ -246,6 +252,22 @@ def proxy_cost(
     mean = torch.where(m, s, torch.zeros_like(s)).sum(-1) / valid.sum(-1).clamp(min=1.0)
     c = ((mean - cfg.s_min) / (cfg.s_max - cfg.s_min)).clamp(0.0, 1.0)
     return torch.where(m.any(-1), c, torch.zeros_like(c))
+
+
+def target_cost_for_retention(
+    retention: float, height: int, width: int, num_frames: int, geom: VisionGeometry, cfg: CAPOConfig
+) -> float:
+    """c* for a budget given as token retention R (the unit of every table): the proxy cost (`proxy_cost`,
+    scales clipped at token saturation) of the uniform allocation at the largest scale whose measured
+    retention is <= R, for a video of `num_frames` frames of `height` x `width`.
+
+    The proxy is linear in the scale while tokens grow with its square, so one retention maps to one cost
+    only for a given frame size; the trainer computes c* per prompt. An allocation exactly at retention R
+    costs c* (tested).
+    """
+    s = uniform_scale_for_retention(retention, height, width, num_frames, geom, max_scale=cfg.s_max)
+    saturation = token_saturation_scale(height, width, geom, cfg.s_max)
+    return float(proxy_cost(torch.full((num_frames,), s, dtype=torch.float64), None, cfg, saturation))
 
 
 def beta_log_prob(u: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,8 @@ class CAPOConfig(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     alpha_mix: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    target_cost: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4
+    # c*, normalised cost; in params derived from train.target_retention (not dumped, so params round-trip)
+    target_cost: Annotated[float, Field(ge=0.0, le=1.0, exclude=True)] = 0.4
     tau: Annotated[float, Field(gt=0.0)] = 0.15
     encouragement: Annotated[float, Field(ge=0.0)] = 0.25
     right_scale: Annotated[float, Field(ge=0.0)] = 0.7
@@ -265,7 +266,8 @@ class CAPOConfig(_Section):
 
     def with_scale_range(self, s_min: float, s_max: float) -> CAPOConfig:
         """The same coefficients with the cost normalised over [s_min, s_max] (validated)."""
-        return CAPOConfig(**(self.model_dump() | {"s_min": float(s_min), "s_max": float(s_max)}))
+        values = {name: getattr(self, name) for name in type(self).model_fields}  # excluded fields too
+        return CAPOConfig(**(values | {"s_min": float(s_min), "s_max": float(s_max)}))
 
 
 class RLParams(_Section):
@@ -283,6 +285,9 @@ class RLParams(_Section):
     relevance_metric_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-4  # the prior's bilinear form
     objective: Objective = "capo"
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
+    # CAPO's budget in the unit of every table (token retention); c* is derived per prompt from it
+    # (capo.target_cost_for_retention), so train.capo.target_cost is not set in params
+    target_retention: Budget = 0.39
     capo: CAPOConfig = CAPOConfig()
     joint_training: bool = False
     backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
@@ -296,6 +301,10 @@ class RLParams(_Section):
     def _engine(self) -> RLParams:
         if {"s_min", "s_max"} & self.capo.model_fields_set:
             raise ValueError("train.capo.s_min / s_max are not set here: CAPO uses allocator.s_min / s_max")
+        if "target_cost" in self.capo.model_fields_set:
+            raise ValueError(
+                "train.capo.target_cost is derived from train.target_retention (token retention): set that instead"
+            )
         if self.backend == "vllm" and self.joint_training:
             raise ValueError(
                 "train.backend 'vllm' needs train.joint_training false: the server holds fixed weights "

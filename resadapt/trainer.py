@@ -75,6 +75,10 @@ class CAPOTrainerConfig(GRPOConfig):
         default=1.0, metadata={"help": "cost weight of the 'lagrangian' objective"}
     )
     capo: CAPOConfig = field(default_factory=CAPOConfig, metadata={"help": "CAPO coefficients"})
+    target_retention: float | None = field(
+        default=None,
+        metadata={"help": "CAPO's target as token retention (c* per prompt); None: capo.target_cost"},
+    )
     allocator_learning_rate: float = 1e-3
     allocator_relevance_learning_rate: float | None = field(
         default=None, metadata={"help": "lr of the Allocator's relevance-prior weights (None: allocator lr)"}
@@ -93,6 +97,9 @@ class CAPOTrainerConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        tr = self.target_retention
+        if tr is not None and (isinstance(tr, bool) or not isinstance(tr, (int, float)) or not 0 < tr <= 1):
+            raise ValueError(f"CAPOTrainerConfig.target_retention must be in (0, 1] or None, got {tr!r}")
         if isinstance(self.capo, dict):
             self.capo = CAPOConfig(**self.capo)
         if not isinstance(self.capo, CAPOConfig):
@@ -277,6 +284,7 @@ class CAPOTrainer(GRPOTrainer):
         self.similarity_config = capo.TemporalSimilarityConfig(s_min=s_min, s_max=s_max)
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
         self._samples: dict[str, LoadedSample] = {}
+        self._target_costs: dict[tuple[int, int, int], float] = {}
         self._loss_visuals: list[dict] | None = None
         self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order
@@ -442,7 +450,11 @@ class CAPOTrainer(GRPOTrainer):
             [self._saturation(prompts[k // M].sample) for k in range(P * M)], device=device
         ).unsqueeze(1)
         cost = capo.proxy_cost(scales, frame_mask, self.capo_config, saturation).view(P, M)
-        alloc_adv, parts = self._allocation_advantage(acc, cost)
+        target = None
+        if self.args.target_retention is not None:
+            target = torch.tensor([self._target_cost(p.sample) for p in prompts], device=device)
+            self._metrics[mode]["alloc/target_cost"].append(float(target.mean()))
+        alloc_adv, parts = self._allocation_advantage(acc, cost, target)
 
         # Per-row tensors: every rollout row carries its allocation; only the first row of an allocation
         # trains the Allocator (each allocation once, reference §3.5).
@@ -560,9 +572,20 @@ class CAPOTrainer(GRPOTrainer):
         h, w = sample.frames.shape[-3:-1]
         return token_saturation_scale(int(h), int(w), self.geometry, self.capo_config.s_max)
 
-    def _allocation_advantage(self, acc: torch.Tensor, cost: torch.Tensor):
+    def _target_cost(self, sample: LoadedSample) -> float:
+        """c* of `target_retention` for this sample's frame size and count (cached per shape)."""
+        h, w = sample.size
+        n = 1 if sample.is_image else len(sample.frames)
+        key = (h, w, n)
+        if key not in self._target_costs:
+            self._target_costs[key] = capo.target_cost_for_retention(
+                self.args.target_retention, h, w, n, self.geometry, self.capo_config
+            )
+        return self._target_costs[key]
+
+    def _allocation_advantage(self, acc: torch.Tensor, cost: torch.Tensor, target=None):
         if self.args.objective == "capo":
-            return capo.capo_advantage(acc, cost, self.capo_config)
+            return capo.capo_advantage(acc, cost, self.capo_config, target)
         if self.args.objective == "no_cost":
             adv = capo.no_cost_advantage(acc)
         else:

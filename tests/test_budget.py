@@ -299,3 +299,13 @@ def test_transformed_video_counts_partial_chunk():
     assert tv.visual_tokens == 7
     assert tv.input_frames == 3
     assert retention(tv, TINY_GEOM) == pytest.approx(7 / (math.ceil(3 / 2) * 6))
+
+
+def test_frames_at_the_pixel_floor_are_not_clipped_to_nothing():
+    """160x120 under a 128-token floor has one size at every scale: no saturation point, nothing to clip."""
+    from resadapt.budget import clip_to_saturation, hard_budget_scales, token_saturation_scale
+
+    geom = VisionGeometry(min_pixels=128 * 28 * 28)
+    assert token_saturation_scale(120, 160, geom, 1.25) == 0.0
+    np.testing.assert_array_equal(clip_to_saturation([0.3, 1.2], 120, 160, geom, 1.25), [0.3, 1.2])
+    assert np.all(hard_budget_scales([0.3, 1.2, 0.5, 0.5], 120, 160, geom, 1.0, 0.125, 1.25) > 0)

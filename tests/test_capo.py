@@ -309,3 +309,27 @@ def test_config_defaults_are_the_authors():
     assert (CFG.correct_threshold, CFG.correct_floor, CFG.s_min, CFG.s_max) == (0.35, 0.001, 0.2, 2.0)
     with pytest.raises(ValueError, match="TemporalSimilarityConfig.sim_temp"):
         TemporalSimilarityConfig(sim_temp=0.0)
+
+
+def test_an_allocation_at_the_target_retention_costs_c_star():
+    from resadapt.budget import uniform_scale_for_retention
+    from resadapt.capo import target_cost_for_retention
+
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
+    cfg = CAPOConfig().with_scale_range(0.125, 1.25)
+    target = 25 / 64  # reachable exactly: 5 x 5 tokens of 8 x 8 per chunk
+    c_star = target_cost_for_retention(target, 224, 224, 16, geom, cfg)
+    s = uniform_scale_for_retention(target, 224, 224, 16, geom)
+    assert video_tokens(16, 224, 224, geom, s) / video_tokens(16, 224, 224, geom) == target
+    sat = token_saturation_scale(224, 224, geom, cfg.s_max)
+    assert float(proxy_cost(torch.full((16,), s), None, cfg, sat)) == pytest.approx(c_star)
+    # the largest scale still at that retention (5 x 5 tokens up to s just below 0.6875): cost 0.5
+    assert c_star == pytest.approx(0.5, abs=1e-5)
+    # params.yaml's 0.39 is the top of the 4 x 4-token step, next to the former cost-space default 0.4
+    assert target_cost_for_retention(0.39, 224, 224, 16, geom, cfg) == pytest.approx(0.4, abs=0.01)
+    costs = [target_cost_for_retention(r, 224, 224, 16, geom, cfg) for r in (0.1, 0.15, 0.39, 1.0)]
+    assert costs == sorted(costs) and costs[-1] == pytest.approx((sat - 0.125) / 1.125)  # saturated
+    # a per-group c* moves the pivot of that group only
+    cost = torch.full((2, 3), 0.5)
+    pivot = dynamic_pivot(cost, cfg, torch.tensor([0.1, 0.9]))
+    assert pivot.tolist() == pytest.approx([0.3, 0.7])

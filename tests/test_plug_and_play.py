@@ -239,12 +239,6 @@ def test_qwen_vl_utils_messages_give_the_counted_tokens(
             assert list(ours["second_per_grid_ts"]) == list(batch["second_per_grid_ts"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="budget.clip_to_saturation clips to 0 when no scale in (0, s_max] changes a frame's token count "
-    "(token_saturation_scale returns 0.0), so `resadapt` crashes in resize_video on frames at the processor's "
-    "pixel floor (e.g. 160x120 under Qwen2.5-VL's real video min_pixels); the evaluate stage does the same",
-)
 def test_frames_at_the_pixel_floor_allocate(loaded_allocator):
     allocator, tokenizer = loaded_allocator
     pnp = PlugAndPlayAllocator(allocator, tokenizer, VisionGeometry(min_pixels=128 * 28 * 28))

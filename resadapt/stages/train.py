@@ -86,6 +86,7 @@ def trainer_config(
         objective=objective,
         lagrangian_lambda=rl.lagrangian_lambda,
         capo=rl.capo,
+        target_retention=rl.target_retention,
         allocator_learning_rate=rl.learning_rate,
         allocator_relevance_learning_rate=rl.relevance_learning_rate,
         allocator_relevance_metric_learning_rate=rl.relevance_metric_learning_rate,
