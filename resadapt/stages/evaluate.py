@@ -328,12 +328,17 @@ def frames_checks(
             both = pd.concat([ours.assign(method="ours"), ref.assign(method="ref")])
             a, b = _paired(both, ("ours", "f"), ("ref", "f"))
             m, lo, hi = paired_ci(a, b, 1.0 + gain)
+            gain = (
+                a.mean() / b.mean() - 1.0
+                if b.mean() > 0
+                else (float("inf") if a.mean() > 0 else float("nan"))
+            )
             rows[name] = {
                 "reference_accuracy": float(b.mean()),
-                "relative_gain": float(a.mean() / b.mean() - 1.0) if b.mean() > 0 else float("inf"),
+                "relative_gain": float(gain),
                 "margin": m,
                 "margin_ci": [lo, hi],
-                "holds_at_ci_low": bool(lo >= 0),
+                "holds_at_ci_low": bool(lo >= 0 and a.mean() > b.mean()),  # 0 vs 0 gains nothing
             }
         out["rows"][str(int(F))] = {
             "accuracy": float(ours.score.mean()),
