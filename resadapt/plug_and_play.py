@@ -38,7 +38,7 @@ from resadapt.baselines.allocated import deterministic_allocations
 from resadapt.budget import VisionGeometry, realise, retention_of_tokens, video_tokens
 from resadapt.data.sample import LoadedSample
 from resadapt.data.video import probe_video, read_video
-from resadapt.vllm_backend import GREEDY, Sampling, request_body
+from resadapt.vllm_backend import request_body
 
 __all__ = [
     "DEFAULT_FRAMES",
@@ -272,19 +272,11 @@ class VideoAllocation:
             out.append({"role": msg["role"], "content": content})
         return out
 
-    def openai_request(
-        self,
-        model_name: str,
-        max_new_tokens: int = 12,
-        question_first: bool = False,
-        image_format: str = "BMP",
-        sampling: Sampling = GREEDY,
-    ) -> dict:
+    def openai_request(self, model_name: str, **options: Any) -> dict:
         """The OpenAI chat-completion body a vLLM server takes (exactly what `VLLMBackend` sends): frames
-        travel losslessly, the frame rate as per-request `media_io_kwargs`."""
-        return request_body(
-            self.visual, self.question, model_name, max_new_tokens, question_first, image_format, sampling
-        )
+        travel losslessly, the frame rate as per-request `media_io_kwargs`. `options`: those of
+        `vllm_backend.request_body` (max_new_tokens, question_first, image_format, sampling)."""
+        return request_body(self.visual, self.question, model_name, **options)
 
     def processor_inputs(self, processor: Any, question_first: bool = False):
         """Inputs for `model.generate` of any Qwen2-VL / 2.5-VL / 3-VL checkpoint (`build_inputs`)."""

@@ -57,50 +57,51 @@ def _cells(part: pd.DataFrame, keys: list[str], value: str = "score", scale: flo
     return grouped_ci(part, keys, value, scale).set_index(keys)
 
 
+def _by_source(df: pd.DataFrame, grid: str, grounding: bool):
+    """The (frames, method, R) rows of one grid's QA or grounding samples: (labelled part, its row order,
+    then (source, its samples) in the order the grid ran them); None when there are none."""
+    part = _with_labels(df[(df.grid == grid) & ((df.kind == "grounding") == grounding)])
+    if part.empty:
+        return None
+    order = part[ROW_KEYS].drop_duplicates().set_index(ROW_KEYS).index
+    return part, order, [(source, part[part.task == source]) for source in _sources(part)]
+
+
+ROW_KEYS = ["frames", "method", "R"]
+
+
 def qa_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
     """Table 1 layout: rows (frames, method, target R); per QA source its accuracy (%) with the 95% bootstrap
     interval (`acc_%`, `low`, `high`) and its mean measured retention (%), then the mean retention over all."""
-    part = _with_labels(df[(df.grid == grid) & (df.kind != "grounding")])
-    if part.empty:
+    found = _by_source(df, grid, grounding=False)
+    if found is None:
         return pd.DataFrame()
-    keys = ["frames", "method", "R"]
+    part, order, sources = found
     cols = {}
-    for source in _sources(part):
-        sub = part[part.task == source]
-        c = _cells(sub, keys)
-        cols[(source, "acc_%")], cols[(source, "low")], cols[(source, "high")] = (
-            c["mean"],
-            c["low"],
-            c["high"],
-        )
-        cols[(source, "retention_%")] = sub.groupby(keys)["retention"].mean() * 100
-    cols[("all", "retention_%")] = part.groupby(keys)["retention"].mean() * 100
-    order = part[keys].drop_duplicates().set_index(keys).index
+    for source, sub in sources:
+        c = _cells(sub, ROW_KEYS)
+        for name, stat in (("acc_%", "mean"), ("low", "low"), ("high", "high")):
+            cols[(source, name)] = c[stat]
+        cols[(source, "retention_%")] = sub.groupby(ROW_KEYS)["retention"].mean() * 100
+    cols[("all", "retention_%")] = part.groupby(ROW_KEYS)["retention"].mean() * 100
     return pd.DataFrame(cols).reindex(order).round(1)
 
 
 def grounding_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
     """Table 2 layout: rows (frames, method, target R); per source R@0.3/0.5/0.7 and mIoU (%), each with its
     95% bootstrap interval (`<metric> low` / `<metric> high`), and the mean measured retention (%)."""
-    part = _with_labels(df[(df.grid == grid) & (df.kind == "grounding")])
-    if part.empty:
+    found = _by_source(df, grid, grounding=True)
+    if found is None:
         return pd.DataFrame()
-    keys = ["frames", "method", "R"]
+    _, order, sources = found
     cols = {}
-    for source in _sources(part):
-        sub = part[part.task == source]
-        metrics = {f"R@{t}": (sub["score"] >= t).astype(float) for t in IOU_THRESHOLDS} | {
-            "mIoU": sub["score"]
-        }
-        for name, values in metrics.items():
-            c = _cells(sub.assign(_v=values), keys, "_v")
-            cols[(source, name)], cols[(source, f"{name} low")], cols[(source, f"{name} high")] = (
-                c["mean"],
-                c["low"],
-                c["high"],
-            )
-        cols[(source, "retention_%")] = sub.groupby(keys)["retention"].mean() * 100
-    order = part[keys].drop_duplicates().set_index(keys).index
+    for source, sub in sources:
+        metrics = {f"R@{t}": (sub["score"] >= t).astype(float) for t in IOU_THRESHOLDS}
+        for name, values in (metrics | {"mIoU": sub["score"]}).items():
+            c = _cells(sub.assign(_v=values), ROW_KEYS, "_v")
+            for suffix, stat in (("", "mean"), (" low", "low"), (" high", "high")):
+                cols[(source, f"{name}{suffix}")] = c[stat]
+        cols[(source, "retention_%")] = sub.groupby(ROW_KEYS)["retention"].mean() * 100
     return pd.DataFrame(cols).reindex(order).round(1)
 
 
