@@ -229,7 +229,18 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     assert metrics["oracle_bound"]["holds"] and metrics["oracle_bound"]["comparisons"] == 2
     frames = SE.frames_checks(df, 8)["rows"]["32"]
     assert frames["references"]["vanilla@8"]["relative_gain"] == pytest.approx(0.5)
+    assert frames["references"]["vanilla@8"]["margin"] == pytest.approx(0.75 - 1.15 * 0.5)
     assert frames["holds_at_ci_low"]
+    # every frame count and every reference is held to the same 15% bar
+    ours32 = next(r for r in _log_rows() if r["method"] == "resadapt_hard" and r["frames"] == 32)
+    rows = [r for r in _log_rows() if r["grid"] == "frames" and r["method"] == "vanilla"]
+    rows += [dict(ours32, frames=f, budget=8 / f) for f in (32, 64)]
+    rows += [dict(ours32, frames=f, budget=8 / f, method="fixed_scale", score=0.1) for f in (32, 64)]
+    log = E.ResultsLog(tmp_path / "f.jsonl")
+    log.write(rows)
+    checks = SE.frames_checks(E.read_results(log.path), 8)["rows"]
+    margins = [ref["margin"] for r in checks.values() for ref in r["references"].values()]
+    assert margins == pytest.approx([0.75 - 1.15 * 0.5, 0.75 - 1.15 * 0.1] * 2)
     over = SE.overhead(df, 32)
     assert over["allocator_share"] == pytest.approx((0.02 + 0.01 + 0.01) / 0.08)  # encode, predict, budget
     assert over["speedup_over_vanilla"] == pytest.approx(0.06 / 0.08)

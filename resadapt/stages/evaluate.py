@@ -329,14 +329,13 @@ def frames_checks(
             both = pd.concat([ours.assign(method="ours"), ref.assign(method="ref")])
             a, b = _paired(both, ("ours", "f"), ("ref", "f"))
             m, lo, hi = paired_ci(a, b, 1.0 + gain)
-            gain = (
-                a.mean() / b.mean() - 1.0
-                if b.mean() > 0
-                else (float("inf") if a.mean() > 0 else float("nan"))
-            )
-            rows[name] = {
+            if b.mean() > 0:
+                rel = a.mean() / b.mean() - 1.0
+            else:
+                rel = float("inf") if a.mean() > 0 else float("nan")
+            rows[name] = {  # (`gain` is the bar: this loop must not overwrite it)
                 "reference_accuracy": float(b.mean()),
-                "relative_gain": float(gain),
+                "relative_gain": float(rel),
                 "margin": m,
                 "margin_ci": [lo, hi],
                 "holds_at_ci_low": bool(lo >= 0 and a.mean() > b.mean()),  # 0 vs 0 gains nothing
