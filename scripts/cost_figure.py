@@ -1,6 +1,7 @@
-"""Draw figures/cost_vs_frames.png: total dense TFLOPs against frames, Vanilla and ResAdapt at several R.
+"""Draw plots/cost/cost_vs_frames.png (not figures/: that folder is the figures stage's DVC output, deleted when it
+runs): total dense TFLOPs against frames, Vanilla and ResAdapt at several R.
 
-    python scripts/cost_figure.py [--backbone qwen2_5_vl_7b] [--out figures/cost_vs_frames.png]
+    python scripts/cost_figure.py [--backbone qwen2_5_vl_7b] [--out plots/cost/cost_vs_frames.png]
 
 FLOPs come from `resadapt.cost` (published configs, meta device, FlopCounterMode; docs/paper_scale.md).
 """
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="qwen2_5_vl_7b", choices=cost.BACKBONES)
     ap.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--retention", type=float, nargs="+", default=[0.5, 0.25, 0.1])
-    ap.add_argument("--out", default="figures/cost_vs_frames.png")
+    ap.add_argument("--out", default="plots/cost/cost_vs_frames.png")
     args = ap.parse_args(argv)
     rows = cost.cost_table(args.backbone, args.frames, args.retention)
     print(cost.format_table(rows, args.backbone))
