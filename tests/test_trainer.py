@@ -338,11 +338,21 @@ def test_resume_without_allocator_state_fails_clearly(bench, tmp_path):
         again.train(resume_from_checkpoint=str(ckpt))
 
 
-def test_accelerate_two_processes(bench, tmp_path):
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
+        # the paper profile's frozen-backbone launch file, shrunk to 2 processes (bf16 is a GPU setting)
+        ["--config_file", str(ROOT / "configs" / "accelerate" / "frozen_8gpu.yaml")],
+    ],
+    ids=["multi_gpu", "frozen_8gpu_config"],
+)
+def test_accelerate_two_processes(bench, tmp_path, how):
     """Two processes train one Allocator: different prompts per rank, identical weights at the end.
 
     On a machine without GPUs, accelerate 1.15 starts two (gloo) processes with `--multi_gpu`; its `--cpu`
     launcher starts only one unless MPI is set up (`--mpirun_hostfile`), which is why this checks both ranks.
+    The same holds for the repository's 8-GPU launch file with `--num_processes 2`.
     """
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(root=str(bench.root), frame_size=112, num_frames=8)
@@ -366,14 +376,10 @@ def test_accelerate_two_processes(bench, tmp_path):
     cmd = [
         str(launcher),
         "launch",
-        "--multi_gpu",
+        *how,
         "--num_processes",
         "2",
-        "--num_machines",
-        "1",
         "--mixed_precision",
-        "no",
-        "--dynamo_backend",
         "no",
         "-m",
         "resadapt.cli",
