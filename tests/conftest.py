@@ -54,3 +54,30 @@ def tiny_backbone(tiny_backbone_dir):
     from resadapt.backbone import load_backbone
 
     return load_backbone(tiny_backbone_dir)
+
+
+def log_row(grid, task, frames, method, budget, sid, score, retention, reference_tokens=512, **extra) -> dict:
+    """One line of the evaluator's per-sample log (`resadapt.evaluate.ResultsLog`), for tests of the tables,
+    checks, reports and lmms-eval files built from it; every timing 10 ms unless `seconds` overrides some."""
+    from resadapt.evaluate import TIMING_KEYS
+
+    seconds = dict.fromkeys(TIMING_KEYS, 0.01) | extra.pop("seconds", {})
+    return {
+        "grid": grid,
+        "task": task,
+        "frames": frames,
+        "method": method,
+        "budget": budget,
+        "id": sid,
+        "kind": task,
+        "question": "q?",
+        "prediction": "7",
+        "answer": "7",
+        "score": score,
+        "visual_tokens": retention * reference_tokens,
+        "reference_tokens": reference_tokens,
+        "retention": retention,
+        "decode_seconds": 0.05,
+        "seconds": seconds,
+        "end_to_end_seconds": sum(seconds.values()),
+    } | extra

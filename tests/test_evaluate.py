@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import log_row
 
 from resadapt import evaluate as E
 from resadapt.allocator import Allocator
@@ -171,23 +172,9 @@ def test_results_log_refuses_to_overwrite(tmp_path):
 
 def _log_rows():
     def row(method, budget, task, score, retention, grid="main", frames=16, alloc=0.0):
-        seconds = dict.fromkeys(E.TIMING_KEYS, 0.01) | {"allocator_encode": alloc}
-        return {
-            "grid": grid,
-            "task": task,
-            "frames": frames,
-            "method": method,
-            "budget": budget,
-            "id": "x",
-            "kind": "grounding" if task == "grounding" else "short_answer",
-            "score": score,
-            "retention": retention,
-            "visual_tokens": retention * 512,
-            "reference_tokens": 512,
-            "decode_seconds": 0.05,
-            "seconds": seconds,
-            "end_to_end_seconds": sum(seconds.values()),
-        }
+        return log_row(
+            grid, task, frames, method, budget, "x", score, retention, seconds={"allocator_encode": alloc}
+        )
 
     def four(method, budget, task, scores, retention):
         return [row(method, budget, task, s, retention) | {"id": f"s{i}"} for i, s in enumerate(scores)]

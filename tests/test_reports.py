@@ -8,37 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import BENCH_FRAME_SIZE, BENCH_FRAMES
+from conftest import BENCH_FRAME_SIZE, BENCH_FRAMES, log_row
 
 from resadapt.data.embedded import split_rows
-from resadapt.evaluate import TIMING_KEYS, ResultsLog
+from resadapt.evaluate import ResultsLog
 from resadapt.stages.figures import HEATMAP_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _row(grid, task, frames, method, budget, sid, score, retention, scales):
-    seconds = dict.fromkeys(TIMING_KEYS, 0.01)
-    return {
-        "grid": grid,
-        "task": task,
-        "frames": frames,
-        "method": method,
-        "budget": budget,
-        "id": sid,
-        "kind": task,
-        "question": "q?",
-        "prediction": "7",
-        "answer": "7",
-        "score": score,
-        "visual_tokens": int(retention * 64),
-        "reference_tokens": 64,
-        "retention": retention,
-        "frame_scales": scales,
-        "decode_seconds": 0.01,
-        "seconds": seconds,
-        "end_to_end_seconds": sum(seconds.values()),
-    }
 
 
 def tiny_log(bench: Path, path: Path) -> None:
@@ -50,14 +26,36 @@ def tiny_log(bench: Path, path: Path) -> None:
             for method in ("vanilla", *HEATMAP_METHODS):
                 budget = None if method in ("vanilla", "resadapt") else 0.15
                 scales = rng.uniform(0.1, 1.0, BENCH_FRAMES).round(3).tolist()
-                rows.append(_row("main", task, BENCH_FRAMES, method, budget, str(r["id"]), 1.0, 0.15, scales))
+                rows.append(
+                    log_row(
+                        "main",
+                        task,
+                        BENCH_FRAMES,
+                        method,
+                        budget,
+                        str(r["id"]),
+                        1.0,
+                        0.15,
+                        frame_scales=scales,
+                    )
+                )
     for frames in (8, 16, 32, 64):
         for method in ("vanilla", "fixed_scale", "resadapt_hard"):
             budget = None if method == "vanilla" else 8 / frames
             for i in range(3):
                 score = float(rng.integers(0, 2))
                 rows.append(
-                    _row("frames", "long_video", frames, method, budget, f"l{i}", score, 0.5, [1.0] * frames)
+                    log_row(
+                        "frames",
+                        "long_video",
+                        frames,
+                        method,
+                        budget,
+                        f"l{i}",
+                        score,
+                        0.5,
+                        frame_scales=[1.0] * frames,
+                    )
                 )
     ResultsLog(path).write(rows)
 
