@@ -15,6 +15,7 @@ over its samples.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ TIMING_KEYS = (
     "prefill",
     "generate",
 )
+
+
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)  # grounding recall thresholds (R@IoU) of every report
+
+
+def budget_label(budget: float | None) -> str:
+    """A cell's target retention as the reports write it: 'own' for unbudgeted methods, else e.g. '0.15'."""
+    return "own" if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{budget:g}"
 
 
 def generate_with(backend, visuals, questions) -> list[TimedGeneration]:

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+from resadapt.evaluate import IOU_THRESHOLDS, budget_label
 
 
 def run_name(grid: str, method: str, budget: float | None, frames: int) -> str:
-    label = "own" if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{budget:g}"
-    return f"{grid}-{method}-R{label}-F{int(frames)}"
+    return f"{grid}-{method}-R{budget_label(budget)}-F{int(frames)}"
 
 
 def sample_metrics(kind: str, score: float) -> dict[str, float]:

@@ -8,7 +8,6 @@ over worker processes, and turns the log into the paper's tables.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,22 @@ from resadapt.budget import VisionGeometry
 from resadapt.data.benchmarks import load_real_benchmark
 from resadapt.data.embedded import split_rows
 from resadapt.data.sample import load_samples
-from resadapt.evaluate import TIMING_KEYS, Cell, Evaluator, ResultsLog, grid_cells, read_results
+from resadapt.evaluate import (
+    IOU_THRESHOLDS,
+    TIMING_KEYS,
+    Cell,
+    Evaluator,
+    ResultsLog,
+    budget_label,
+    grid_cells,
+    read_results,
+)
 from resadapt.lmms_eval import write_lmms_eval
 from resadapt.stats import fmt, grouped_ci, mean_ci, paired_ci
 from resadapt.vllm_backend import VLLMBackend, server_from_params
 
-IOU_THRESHOLDS = (0.3, 0.5, 0.7)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tables, aggregated from the per-sample log only.
-
-
-def budget_label(budget: float | None) -> str:
-    return "own" if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{budget:g}"
 
 
 def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -57,6 +58,9 @@ def _cells(part: pd.DataFrame, keys: list[str], value: str = "score", scale: flo
     return grouped_ci(part, keys, value, scale).set_index(keys)
 
 
+ROW_KEYS = ["frames", "method", "R"]  # the rows of Tables 1 and 2
+
+
 def _by_source(df: pd.DataFrame, grid: str, grounding: bool):
     """The (frames, method, R) rows of one grid's QA or grounding samples: (labelled part, its row order,
     then (source, its samples) in the order the grid ran them); None when there are none."""
@@ -65,9 +69,6 @@ def _by_source(df: pd.DataFrame, grid: str, grounding: bool):
         return None
     order = part[ROW_KEYS].drop_duplicates().set_index(ROW_KEYS).index
     return part, order, [(source, part[part.task == source]) for source in _sources(part)]
-
-
-ROW_KEYS = ["frames", "method", "R"]
 
 
 def qa_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:

@@ -15,8 +15,7 @@ import seaborn as sns
 from resadapt.baselines import METHODS
 from resadapt.data.embedded import split_rows
 from resadapt.data.sample import load_sample
-from resadapt.evaluate import TIMING_KEYS
-from resadapt.stages.evaluate import budget_label
+from resadapt.evaluate import TIMING_KEYS, budget_label
 
 METHOD_ORDER = list(METHODS)  # the registry's order: baselines first, ResAdapt last
 
