@@ -74,6 +74,24 @@ def test_fixed_scale_uses_the_budget_and_oracle_gives_evidence_full_resolution()
     assert realise(sample, tight, GEOM).retention <= 0.1
 
 
+def test_oracle_keeps_as_many_evidence_chunks_at_full_resolution_as_fit():
+    # two evidence chunks (4-5 fully, 9 half): both at full + 6 chunks at s_min = 134 tokens of 512
+    sample = _video(evidence=(4, 5, 9))
+    oracle = build_method("oracle", MethodContext(GEOM, s_min=0.125))
+    both = oracle.plan(sample, 0.27)
+    assert np.all(both.scales[[4, 5, 8, 9]] == 1.0) and both.frames is None
+    # 0.15 x 512 = 76: one chunk at full (64) + the other seven at s_min (7): the fuller chunk stays full,
+    # the other evidence chunk is not blurred to a common scale with it (it gets the rest's scale, the
+    # leftover budget spread over the rest)
+    one = oracle.plan(sample, 0.15)
+    assert np.all(one.scales[[4, 5]] == 1.0) and np.all(one.scales[[8, 9]] == one.scales[0])
+    assert 0.125 <= one.scales[0] < 0.5
+    assert realise(sample, one, GEOM).retention <= 0.15
+    for budget in (0.1, 0.13, 0.15, 0.2, 0.27, 0.5):
+        r = realise(sample, oracle.plan(sample, budget), GEOM)
+        assert r.retention <= budget + 1e-9
+
+
 def test_random_chunk_drop_depends_on_seed_and_sample_only():
     a = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))
     b = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))

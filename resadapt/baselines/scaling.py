@@ -48,10 +48,12 @@ class FixedScale(Method):
 class Oracle(Method):
     """The upper bound of every input-side method: it knows which chunks hold the evidence.
 
-    Evidence chunks at full resolution first; the other chunks at s_min when the budget allows it (and any
-    budget left over spread over them), else dropped; the evidence is shrunk (to the largest common scale
-    that fits, the rest dropped) only when it alone exceeds the budget. An image is its own evidence: it is
-    FixedScale. A video without evidence frames gets FixedScale too.
+    Evidence chunks at full resolution first, as many as fit (those with more evidence frames first); the
+    other chunks at s_min when the budget allows it (any budget left over spread over them), else dropped.
+    Only when not even one evidence chunk fits at full resolution is the evidence shrunk: the first evidence
+    chunk alone at the largest scale that fits, the rest dropped (one readable chunk beats several blurred
+    ones on every task here). An image is its own evidence: it is FixedScale. A video without evidence
+    frames gets FixedScale too.
     """
 
     name = "oracle"
@@ -70,14 +72,30 @@ class Oracle(Method):
         sizes = [min(tp, n - c * tp) for c in range(len(evidence))]
         limit = math.floor(budget * video_tokens(n, h, w, geom))
         s_min = self.context.s_min
+        weight = [int(sample.evidence_mask[c * tp : c * tp + k].sum()) for c, k in enumerate(sizes)]
+        ranked = sorted(np.flatnonzero(evidence).tolist(), key=lambda c: (-weight[c], c))
 
-        def tokens(rest_scale: float) -> int:
+        def tokens(full: set[int], rest_scale: float | None) -> int:
+            """Tokens with `full` chunks at full resolution and the rest at `rest_scale` (None: dropped)."""
             return sum(
-                video_tokens(k, h, w, geom, 1.0 if e else rest_scale)
-                for k, e in zip(sizes, evidence, strict=True)
+                video_tokens(k, h, w, geom, 1.0 if c in full else rest_scale)
+                for c, k in enumerate(sizes)
+                if c in full or rest_scale is not None
             )
 
-        if tokens(s_min) <= limit:
-            rest = s_min if evidence.all() else max(s_min, largest_scale(tokens, limit, h, w) or s_min)
-            return Plan(scales=np.repeat(np.where(evidence, 1.0, rest), tp)[:n])
-        return keep_chunks(sample, [int(c) for c in np.flatnonzero(evidence)], budget, geom)
+        def most(rest_scale: float | None) -> set[int]:
+            full: set[int] = set()
+            for c in ranked:
+                if tokens(full | {c}, rest_scale) > limit:
+                    break
+                full.add(c)
+            return full
+
+        kept, alone = most(s_min), most(None)
+        if kept and len(kept) >= len(alone):
+            if len(kept) == len(sizes):
+                return Plan(scales=np.ones(n))
+            rest = max(s_min, largest_scale(lambda s: tokens(kept, s), limit, h, w) or s_min)
+            in_full = np.array([c in kept for c in range(len(sizes))])
+            return Plan(scales=np.repeat(np.where(in_full, 1.0, rest), tp)[:n])
+        return keep_chunks(sample, sorted(alone) or ranked[:1], budget, geom)
