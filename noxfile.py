@@ -243,7 +243,7 @@ def vllm_train(session: nox.Session) -> None:
     stage_on_vllm(
         session,
         "train",
-        f"train:\n  backend: vllm\n  checkpoints: {out / 'checkpoints'}\nallocator:\n  path: {out / 'allocator'}\n",
+        f"train:\n  backend: vllm\n  seeds: [0]\n  checkpoints: {out / 'checkpoints'}\nallocator:\n  path: {out / 'allocator'}\n",
     )
     session.run(
         "python",

@@ -41,8 +41,9 @@ def _train(args) -> int:
         params, params.train, model, processor, params.train.checkpoints, args.objective, args.max_steps
     )
     if trainer.accelerator.is_main_process:
-        trainer.save_allocator(params.allocator.path)
-        print(f"allocator saved to {params.allocator.path}", flush=True)
+        path = params.allocator.seed_path(params.seed)
+        trainer.save_allocator(path)
+        print(f"allocator saved to {path}", flush=True)
     if args.rank_report:
         out = Path(args.rank_report)
         out.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,11 @@ class AllocatorParams(_Section):
     s_max: Annotated[float, Field(gt=0.0, le=4.0)] = 1.25
     beta_max: Annotated[float, Field(gt=1.0)] = 20.0
     relevance_init: float = 1.0  # initial trust in the parameter-free relevance prior (0: none)
-    path: str = "models/allocator"  # the train stage's output
+    path: str = "models/allocator"  # the train stage's output: one folder per seed of `train.seeds`
+
+    def seed_path(self, seed: int) -> Path:
+        """The folder of the Allocator trained with `seed` (a `save_pretrained` folder)."""
+        return Path(self.path) / f"seed_{int(seed)}"
 
     def model_kwargs(self) -> dict:
         """The `AllocatorConfig` keyword arguments these params set (the encoder comes from elsewhere)."""
@@ -314,9 +318,18 @@ class RLParams(_Section):
 
 
 class TrainParams(RLParams):
+    # one Allocator per seed (its init, sampling and data order); the evaluation uses every one
+    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2]
+    workers: PositiveInt = 2  # processes training seeds (and ablation runs) in parallel, one thread each
     checkpoints: str = "checkpoints/train"  # resumable run state (not a DVC output: it must survive a kill)
     operating_retention: Budget = 0.15  # hard-budget operating point reported next to the deterministic one
     test_samples: PositiveInt = 150
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> TrainParams:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"train.seeds must be distinct, got {self.seeds}")
+        return self
 
 
 class AblationParams(_Section):

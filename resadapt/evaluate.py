@@ -68,6 +68,7 @@ class Cell:
     frames: int
     method: str
     budget: float | None
+    seed: int | None = None  # the trained Allocator's seed (`Evaluator.allocators`); None: no trained model
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Evaluator:
     batch_size: int = 16
     pruned_backend: Any = None
     backend: Any = None  # the input-side methods' generation backend (default: transformers)
+    allocators: dict[int, Any] = field(default_factory=dict)  # trained Allocators by seed (`Cell.seed`)
     _methods: dict[str, Method] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,9 +97,21 @@ class Evaluator:
             self._methods[name] = build_method(name, self.context)
         return self._methods[name]
 
+    def use_allocator(self, seed: int) -> None:
+        """Give the methods the Allocator trained with `seed` (cached allocations belong to the previous one)."""
+        if seed not in self.allocators:
+            raise ValueError(
+                f"a cell asks for the Allocator of seed {seed}; loaded seeds: {sorted(self.allocators)}"
+            )
+        if self.context.allocator is not self.allocators[seed]:
+            self.context.allocator = self.allocators[seed]
+            self.context.cache.clear()
+
     def run_cell(
         self, cell: Cell, samples: list[LoadedSample], decode_seconds: dict[str, float]
     ) -> list[dict]:
+        if cell.seed is not None:
+            self.use_allocator(cell.seed)
         method = self.method(cell.method)
         samples = [s for s in samples if method.supports_images or not s.is_image]
         if not samples:
@@ -189,5 +203,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not records:
         raise ValueError(f"evaluation log {path} is empty")
     df = pd.DataFrame(records)
+    if "seed" not in df:  # a log written before per-seed Allocators
+        df["seed"] = None
     times = pd.DataFrame(list(df.pop("seconds"))).add_prefix("t_")
     return pd.concat([df, times], axis=1)

@@ -2,7 +2,8 @@
 
 lmms-eval itself needs torchvision, which breaks this CPU stack, so we write its formats instead of running
 it. One lmms-eval "model run" per (grid, method, target R, frames) of our grid, named
-`<grid>-<method>-R<R>-F<frames>`, holding one lmms-eval task per evaluated source:
+`<grid>-<method>-R<R>-F<frames>` (`<grid>-<method>-seed<k>-R<R>-F<frames>` for a method run with the
+Allocator trained with seed k), holding one lmms-eval task per evaluated source:
 
     <out>/<run>/<date>_results.json          results, groups, configs, versions, n-shot, higher_is_better,
                                              n-samples, config, git_hash, date
@@ -26,8 +27,9 @@ import pandas as pd
 from resadapt.evaluate import IOU_THRESHOLDS, budget_label
 
 
-def run_name(grid: str, method: str, budget: float | None, frames: int) -> str:
-    return f"{grid}-{method}-R{budget_label(budget)}-F{int(frames)}"
+def run_name(grid: str, method: str, budget: float | None, frames: int, seed: int | None = None) -> str:
+    tag = "" if seed is None or pd.isna(seed) else f"-seed{int(seed)}"
+    return f"{grid}-{method}{tag}-R{budget_label(budget)}-F{int(frames)}"
 
 
 def sample_metrics(kind: str, score: float) -> dict[str, float]:
@@ -48,9 +50,11 @@ def write_lmms_eval(
     out = Path(out)
     date = date or time.strftime("%Y%m%d_%H%M%S")
     written = []
-    keys = ["grid", "method", "budget", "frames"]
-    for (grid, method, budget, frames), run in df.groupby(keys, sort=False, dropna=False):
-        folder = out / run_name(grid, method, budget, frames)
+    if "seed" not in df:
+        df = df.assign(seed=None)
+    keys = ["grid", "method", "budget", "frames", "seed"]
+    for (grid, method, budget, frames, seed), run in df.groupby(keys, sort=False, dropna=False):
+        folder = out / run_name(grid, method, budget, frames, seed)
         folder.mkdir(parents=True, exist_ok=True)
         results, configs, n_samples, higher = {}, {}, {}, {}
         for task, part in run.groupby("task", sort=False):
@@ -112,7 +116,8 @@ def write_lmms_eval(
             "n-samples": n_samples,
             "config": {
                 "model": model,
-                "model_args": f"method={method},target_retention={budget},frames={int(frames)},grid={grid}",
+                "model_args": f"method={method},target_retention={budget},frames={int(frames)},grid={grid}"
+                + ("" if seed is None or pd.isna(seed) else f",allocator_seed={int(seed)}"),
                 "batch_size": None,
                 "limit": None,
             },

@@ -5,7 +5,7 @@ Two numbers: the whole command in-process (load the Allocator and tokenizer, dec
 budget + resize). `--tiny` builds a tiny same-architecture stand-in (Qwen2.5-VL backbone, small Allocator)
 in a temporary folder instead of taking `--allocator`: the pipeline's real models are not measured by that.
 
-    python scripts/bench_allocate.py --allocator models/allocator [--backbone DIR] [--video clip.mp4]
+    python scripts/bench_allocate.py --allocator models/allocator/seed_0 [--backbone DIR] [--video clip.mp4]
     python scripts/bench_allocate.py --tiny
 """
 

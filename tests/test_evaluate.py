@@ -208,6 +208,49 @@ def _log_rows():
     return rows
 
 
+def test_several_seeds_make_one_table_row_their_mean_and_a_seeds_table(tmp_path):
+    """ResAdapt run with two seeds' Allocators: Tables 1 and the bars see each sample's mean over the seeds
+    (intervals over test samples, not seeds x samples); the seeds table gives each seed and mean +- sd."""
+    base = [r for r in _log_rows() if not (r["method"] == "resadapt_hard" and r["grid"] == "main")]
+    seeded = []
+    for seed, scores in ((0, (1, 1, 0, 0)), (1, (1, 0, 0, 0))):
+        for i, sc in enumerate(scores):
+            r = log_row("main", "detail_qa", 16, "resadapt_hard", 0.1, f"s{i}", sc, 0.1, seed=seed)
+            seeded.append(r)
+    log = E.ResultsLog(tmp_path / "samples.jsonl")
+    log.write(base + seeded)
+    df = E.read_results(log.path)
+    qa = SE.qa_table(df)
+    assert qa.loc[(16, "resadapt_hard", "0.1"), ("detail_qa", "acc_%")] == 37.5
+    assert SE.frontier(df, "detail_qa").set_index("method").loc["resadapt_hard", "n"] == 4
+    a, b = SE._paired(SE._with_labels(df), ("resadapt_hard", "0.1"), ("oracle", "0.1"))
+    assert a.tolist() == [1.0, 0.5, 0.0, 0.0] and b.tolist() == [1, 1, 1, 1]
+    seeds = SE.seeds_table(df)
+    row = seeds.loc[("main", "detail_qa", 16, "resadapt_hard", "0.1")]
+    assert (row["seed 0"], row["seed 1"], row["mean"]) == (50.0, 25.0, 37.5)
+    assert row["sd"] == pytest.approx(17.7, abs=0.05)
+    assert SE.seeds_table(E.read_results(_write(tmp_path / "one", base))).empty
+
+
+def _write(folder, rows):
+    log = E.ResultsLog(folder / "samples.jsonl")
+    log.write(rows)
+    return log.path
+
+
+def test_an_evaluator_switches_allocators_by_the_cells_seed():
+    ctx = MethodContext(GEOM)
+    ev = E.Evaluator(None, None, ctx, backend=object(), allocators={0: "first", 1: "second"})
+    ctx.cache["x"] = 1
+    ev.use_allocator(1)
+    assert ctx.allocator == "second" and not ctx.cache
+    ctx.cache["x"] = 1
+    ev.use_allocator(1)  # the same Allocator: its cached allocations stay
+    assert ctx.cache == {"x": 1}
+    with pytest.raises(ValueError, match="seed 2"):
+        ev.use_allocator(2)
+
+
 def test_tables_and_checks_from_a_known_log(tmp_path):
     log = E.ResultsLog(tmp_path / "s.jsonl")
     log.write(_log_rows())
@@ -302,7 +345,13 @@ def test_stage_cells_cover_both_grids():
     ev = params.evaluate
     main = [c for c in cells if c.grid == "main"]
     unbudgeted = sum(not METHODS[m].budgeted for m in ev.methods)
-    assert len(main) == len(ev.tasks) * (unbudgeted + (len(ev.methods) - unbudgeted) * len(ev.budgets))
+    once = [c for c in main if c.seed in (None, params.train.seeds[0])]
+    assert len(once) == len(ev.tasks) * (unbudgeted + (len(ev.methods) - unbudgeted) * len(ev.budgets))
+    # ResAdapt once per trained Allocator; frame selection with the first seed's; the rest need no Allocator
+    seeds = {m: sorted({c.seed for c in main if c.method == m}, key=str) for m in ev.methods}
+    assert seeds["resadapt"] == seeds["resadapt_hard"] == params.train.seeds
+    assert seeds["frame_selection"] == [params.train.seeds[0]] and seeds["fixed_scale"] == [None]
+    assert len(main) == len(once) + len(ev.tasks) * (1 + len(ev.budgets)) * (len(params.train.seeds) - 1)
     frames = [c for c in cells if c.grid == "frames"]
     assert {c.frames for c in frames} == set(ev.frames)
     for c in frames:

@@ -396,4 +396,4 @@ def test_accelerate_two_processes(bench, tmp_path, how):
     assert a["prompts"] != b["prompts"], "both ranks trained on the same prompts"
     for k in a["weights"]:
         torch.testing.assert_close(a["weights"][k], b["weights"][k], msg=f"ranks disagree on {k}")
-    assert (tmp_path / "allocator" / "model.safetensors").exists()
+    assert (tmp_path / "allocator" / "seed_0" / "model.safetensors").exists()  # the params' seed

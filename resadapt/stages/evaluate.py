@@ -8,6 +8,7 @@ over worker processes, and turns the log into the paper's tables.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,60 @@ from resadapt.vllm_backend import VLLMBackend, server_from_params
 # Tables, aggregated from the per-sample log only.
 
 
+_SAMPLE_KEYS = ["grid", "task", "frames", "method", "budget", "id"]
+
+
+def seed_mean(df: pd.DataFrame) -> pd.DataFrame:
+    """The log with each sample of a method run under several seeds' Allocators as one row: its numbers
+    (score, retention, tokens, timings) averaged over the seeds, so table cells are the mean over seeds
+    and their intervals resample test samples, not seeds x samples."""
+    seeded = df["seed"].notna() if "seed" in df else pd.Series(False, index=df.index)
+    if not seeded.any():
+        return df
+    part = df[seeded].assign(_order=df.index[seeded])
+    numeric = [
+        c
+        for c in part.columns
+        if c not in _SAMPLE_KEYS
+        and c != "seed"
+        and pd.api.types.is_numeric_dtype(part[c])
+        and not pd.api.types.is_bool_dtype(part[c])
+    ]
+    how = {c: ("min" if c == "_order" else "mean") for c in numeric} | {
+        c: "first" for c in part.columns if c not in numeric and c not in _SAMPLE_KEYS
+    }
+    merged = part.groupby(_SAMPLE_KEYS, sort=False, dropna=False).agg(how).reset_index()
+    merged["seed"] = None
+    out = pd.concat([df[~seeded].assign(_order=df.index[~seeded]), merged], ignore_index=True)
+    return out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def seeds_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (grid, source, frames, method, R) of the methods run with every seed's Allocator: each seed's
+    accuracy / mIoU (%) and retention (%), then their mean and sd over seeds."""
+    part = df[df["seed"].notna()] if "seed" in df else df.iloc[:0]
+    part = part[part.method.isin(SEEDED_METHODS)]
+    if part.empty:
+        return pd.DataFrame()
+    part = _with_labels(part).assign(seed=lambda d: d.seed.astype(int))
+    keys = ["grid", "task", "frames", "method", "R"]
+    per = part.groupby([*keys, "seed"], sort=False).agg(
+        score=("score", "mean"), retention=("retention", "mean")
+    )
+    acc = per["score"].unstack("seed") * 100
+    ret = per["retention"].unstack("seed") * 100
+    out = pd.concat(
+        {
+            **{f"seed {c}": acc[c] for c in acc.columns},
+            "mean": acc.mean(axis=1),
+            "sd": acc.std(axis=1, ddof=1) if acc.shape[1] > 1 else acc.mean(axis=1) * 0.0,
+            "retention_% mean": ret.mean(axis=1),
+        },
+        axis=1,
+    )
+    return out.round(1)
+
+
 def _with_labels(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["R"] = [budget_label(b) for b in df["budget"]]
@@ -64,6 +119,7 @@ ROW_KEYS = ["frames", "method", "R"]  # the rows of Tables 1 and 2
 def _by_source(df: pd.DataFrame, grid: str, grounding: bool):
     """The (frames, method, R) rows of one grid's QA or grounding samples: (labelled part, its row order,
     then (source, its samples) in the order the grid ran them); None when there are none."""
+    df = seed_mean(df)
     part = _with_labels(df[(df.grid == grid) & ((df.kind == "grounding") == grounding)])
     if part.empty:
         return None
@@ -109,7 +165,7 @@ def grounding_table(df: pd.DataFrame, grid: str = "main") -> pd.DataFrame:
 def frames_table(df: pd.DataFrame) -> pd.DataFrame:
     """Frames scaling at an equal token budget: accuracy (%) with its 95% interval, tokens and retention per
     method and frame count."""
-    part = df[df.grid == "frames"]
+    part = seed_mean(df[df.grid == "frames"])
     if part.empty:
         return pd.DataFrame()
     keys = ["method", "frames"]
@@ -164,7 +220,7 @@ def latency_table(df: pd.DataFrame, grid: str = "frames") -> pd.DataFrame:
 def frontier(df: pd.DataFrame, task: str, frames: int | None = None, grid: str = "main") -> pd.DataFrame:
     """Accuracy (with its 95% interval) against measured retention per (method, R) on one source at one
     frame count (default: the smallest the grid ran), the efficiency-accuracy frontier."""
-    part = df[(df.grid == grid) & (df.task == task)]
+    part = seed_mean(df[(df.grid == grid) & (df.task == task)])
     if part.empty:
         return pd.DataFrame(columns=["method", "R", "retention", "accuracy", "low", "high", "n"])
     part = _with_labels(part[part.frames == (frames if frames is not None else part.frames.min())])
@@ -204,9 +260,10 @@ def overhead(df: pd.DataFrame, frames: int, method: str = "resadapt_hard") -> di
 
 
 def _paired(df: pd.DataFrame, a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of two (method, R) rows of one frontier slice on the samples both saw, aligned by id."""
-    sa = df[(df.method == a[0]) & (df.R == a[1])].set_index("id")["score"]
-    sb = df[(df.method == b[0]) & (df.R == b[1])].set_index("id")["score"]
+    """Scores of two (method, R) rows of one frontier slice on the samples both saw, aligned by id; a method
+    run with several seeds' Allocators scores each sample by its mean over the seeds."""
+    sa = df[(df.method == a[0]) & (df.R == a[1])].groupby("id", sort=False)["score"].mean()
+    sb = df[(df.method == b[0]) & (df.R == b[1])].groupby("id", sort=False)["score"].mean()
     common = sa.index.intersection(sb.index)
     return sa.loc[common].to_numpy(), sb.loc[common].to_numpy()
 
@@ -362,7 +419,24 @@ def np_default(o):
 # The evaluate stage.
 
 ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")  # the trained Allocator
+SEEDED_METHODS = (
+    "resadapt",
+    "resadapt_hard",
+)  # run with every seed's Allocator; frame selection with the first
 PRIOR_METHODS = ("prior_only", "prior_only_hard")  # the untrained one (its relevance prior)
+
+
+def _with_seeds(cells: list[Cell], seeds: list[int]) -> list[Cell]:
+    """ResAdapt's cells once per trained Allocator (`train.seeds`); frame selection with the first one."""
+    out = []
+    for c in cells:
+        if c.method in SEEDED_METHODS:
+            out += [dataclasses.replace(c, seed=int(s)) for s in seeds]
+        elif c.method in ALLOCATOR_METHODS:
+            out.append(dataclasses.replace(c, seed=int(seeds[0])))
+        else:
+            out.append(c)
+    return out
 
 
 def stage_cells(params) -> list[Cell]:
@@ -379,7 +453,7 @@ def stage_cells(params) -> list[Cell]:
         cells += grid_cells(
             "frames", [ev.frames_task], f, ev.frames_methods, [min(1.0, ev.frames_reference / f)]
         )
-    return cells
+    return _with_seeds(cells, params.train.seeds)
 
 
 def source_rows(params, source: str) -> tuple[list[dict], Path]:
@@ -393,6 +467,27 @@ def source_rows(params, source: str) -> tuple[list[dict], Path]:
     return split_rows(params.data.root, "test", [source], ev.samples_per_task), Path(params.data.root)
 
 
+def trained_allocators(params) -> dict[int, Allocator]:
+    """The train stage's Allocator of every `train.seeds`, loaded once per process."""
+    key = (params.allocator.path, tuple(params.train.seeds))
+    if key not in _ALLOCATORS:
+        out = {}
+        for s in params.train.seeds:
+            path = params.allocator.seed_path(s)
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(
+                    f"{path} holds no trained Allocator (allocator.path, seed {s} of train.seeds); run the "
+                    "train stage (dvc repro train)"
+                )
+            out[int(s)] = Allocator.from_pretrained(path)
+        _ALLOCATORS.clear()
+        _ALLOCATORS[key] = out
+    return _ALLOCATORS[key]
+
+
+_ALLOCATORS: dict = {}
+
+
 def stage_context(params, model, processor, methods: Iterable[str]) -> MethodContext:
     """Method context for the stage; loads the trained Allocator (and builds the untrained one from
     `allocator` params and `seed`) only when a method needs it."""
@@ -402,12 +497,7 @@ def stage_context(params, model, processor, methods: Iterable[str]) -> MethodCon
         seed=params.seed,
     )
     if set(methods) & set(ALLOCATOR_METHODS):
-        path = Path(params.allocator.path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"allocator.path {path} holds no trained Allocator; run the train stage (dvc repro train)"
-            )
-        context.allocator = Allocator.from_pretrained(path)
+        context.allocator = trained_allocators(params)[params.train.seeds[0]]
     if set(methods) & set(PRIOR_METHODS):
         context.prior_allocator = build_allocator(params, model)
     if set(methods) & {*ALLOCATOR_METHODS, *PRIOR_METHODS}:
@@ -432,13 +522,17 @@ def _evaluator(
     backend = None
     if server is not None:
         backend = VLLMBackend(server[0], server[1], processor, gen.max_new_tokens, gen.batch_size)
-    return Evaluator(model, processor, context, gen.max_new_tokens, gen.batch_size, pruned, backend)
+    allocators = trained_allocators(params) if context.allocator is not None else {}
+    return Evaluator(
+        model, processor, context, gen.max_new_tokens, gen.batch_size, pruned, backend, allocators
+    )
 
 
 def run_group(evaluator: Evaluator, params, cells: list[Cell]) -> list[dict]:
     """Cells sharing (source, frames): the samples are decoded once and the allocations computed once."""
     rows, root = source_rows(params, cells[0].task)
     samples, decode = load_samples(rows, root, cells[0].frames)
+    cells = sorted(cells, key=lambda c: -1 if c.seed is None else c.seed)  # one Allocator switch per seed
     out = [r for cell in cells for r in evaluator.run_cell(cell, samples, decode)]
     evaluator.context.cache.clear()
     return out
@@ -523,6 +617,7 @@ def stage_metrics(df: pd.DataFrame, params) -> dict:
         "qa": _records(qa_table(df)),
         "grounding": _records(grounding_table(df)),
         "frames": _records(frames_table(df)),
+        "seeds": _records(seeds_table(df)),
         "frontier_detail_qa": frontier_checks(df, "detail_qa"),
         "oracle_bound": oracle_bound_checks(df),
         "frames_scaling": frames_checks(df, ev.frames_reference),

@@ -42,18 +42,36 @@ def summary_lines(root: str | Path = ".") -> list[str]:
         )
     train = _load(root, "train")
     if train:
-        methods = train.get("methods", {})
+        mean, sd = train.get("mean", {}).get("methods", {}), train.get("sd", {}).get("methods", {})
         rows = ", ".join(
-            f"{m} {v['accuracy']:.3f} @ {v['retention']:.3f}" for m, v in methods.items() if "accuracy" in v
+            f"{m} {v['accuracy']:.3f}±{sd.get(m, {}).get('accuracy', 0):.3f} @ {v['retention']:.3f}"
+            for m, v in mean.items()
+            if "accuracy" in v
         )
-        lines.append(f"train (test {train.get('task')}, accuracy @ retention): {rows}")
         lines.append(
-            f"train evidence gap {train.get('evidence', {}).get('gap', float('nan')):.2f}; "
-            + ", ".join(_flags(train.get("checks", {})))
+            f"train ({len(train.get('seeds', {}))} seeds, test {train.get('task')}, accuracy mean±sd @ "
+            f"retention; target retention {train.get('target_retention')}): {rows}"
+        )
+        every = train.get("checks", {}).get("every_seed", {})
+        lines.append(
+            f"train evidence gap {train.get('mean', {}).get('evidence', {}).get('gap', float('nan')):.2f} (mean); "
+            + ", ".join(
+                f"{k}: {'yes' if v['holds'] else 'NO (seeds ' + str(v['failing_seeds']) + ')'}"
+                for k, v in every.items()
+            )
+            + "; on the mean: "
+            + ", ".join(_flags(train.get("checks", {}).get("mean_over_seeds", {})))
         )
     ablation = _load(root, "ablation")
     if ablation:
-        lines.append("ablation: " + ", ".join(_flags(ablation.get("checks", {}))))
+        every = ablation.get("checks", {}).get("every_seed", {})
+        lines.append(
+            "ablation (every seed): "
+            + ", ".join(
+                f"{k}: {'yes' if v['holds'] else 'NO (seeds ' + str(v['failing_seeds']) + ')'}"
+                for k, v in every.items()
+            )
+        )
     evaluate = _load(root, "evaluate")
     if evaluate:
         lines.append(
