@@ -163,6 +163,16 @@ def smoke(session: nox.Session) -> None:
             session.log(f"removed smoke copy: {tmp} (pass -- --keep to keep it)")
 
 
+@nox.session(python=PYTHON, venv_backend="venv")
+def sweep(session: nox.Session) -> None:
+    """Choose hyperparameters on the val split: short train runs over params values, one row per seed
+    (`nox -s sweep -- train.learning_rate=1e-3,3e-3 [--max-steps 60]`; writes outputs/sweep/val_table.csv)."""
+    if not session.posargs:
+        session.error("give KEY=V1,V2,... e.g. nox -s sweep -- train.learning_rate=1e-3,3e-3 --max-steps 60")
+    install(session)
+    session.run("python", "-m", "resadapt.stages.sweep", *session.posargs)
+
+
 @nox.session(python=False)
 def vllm_env(session: nox.Session) -> None:
     """Create the separate vLLM (CPU) environment under .venvs/vllm (scripts/vllm_env.sh; -- --force rebuilds).

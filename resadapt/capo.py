@@ -33,6 +33,8 @@ __all__ = [
     "dynamic_pivot",
     "asymmetric_shaping",
     "capo_advantage",
+    "budget_pressure",
+    "dual_update",
     "no_cost_advantage",
     "lagrangian_advantage",
     "proxy_cost",
@@ -206,6 +208,22 @@ def capo_advantage(
         "unfloored": unfloored,
     }
     return adv, parts
+
+
+def budget_pressure(cost: torch.Tensor, lam: float) -> torch.Tensor:
+    """-lambda * z(cost): the budget multiplier's term, added to CAPO's advantages after the floor.
+
+    The group z-score makes the term scale-free (a cost spread of 0.01 or 0.3 within a group weighs the
+    same), like the accuracy z-score it competes with; lambda (`dual_update`) sets how much. Zero for a group
+    whose allocations all cost the same.
+    """
+    return -float(lam) * group_zscore(_float(cost, "cost"))
+
+
+def dual_update(lam: float, retention: float, target: float, cfg: CAPOConfig) -> float:
+    """One dual-ascent step of the budget multiplier: up while the deterministic allocations keep more than
+    the target retention, down (to 0) once they keep less; clipped to [0, budget_lambda_max]."""
+    return float(min(max(lam + cfg.budget_lr * (retention - target), 0.0), cfg.budget_lambda_max))
 
 
 def no_cost_advantage(acc: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ per-allocation video items, and its weight sync for joint training is an NCCL (C
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,13 @@ from trl.trainer.utils import nanstd
 from resadapt import capo
 from resadapt.allocator import Allocator, FrameFeatures
 from resadapt.backbone import build_inputs
-from resadapt.budget import VisionGeometry, clip_to_saturation, realise, token_saturation_scale
+from resadapt.budget import (
+    VisionGeometry,
+    allocation_retention,
+    clip_to_saturation,
+    realise,
+    token_saturation_scale,
+)
 from resadapt.config import OBJECTIVES, CAPOConfig
 from resadapt.data.sample import LoadedSample, load_sample
 from resadapt.rewards import score
@@ -285,6 +292,9 @@ class CAPOTrainer(GRPOTrainer):
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
         self._samples: dict[str, LoadedSample] = {}
         self._target_costs: dict[tuple[int, int, int], float] = {}
+        self.budget_lambda = (
+            0.0  # the budget multiplier (CAPOConfig.budget_lr), checkpointed with the Allocator
+        )
         self._loss_visuals: list[dict] | None = None
         self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order
@@ -455,6 +465,14 @@ class CAPOTrainer(GRPOTrainer):
             target = torch.tensor([self._target_cost(p.sample) for p in prompts], device=device)
             self._metrics[mode]["alloc/target_cost"].append(float(target.mean()))
         alloc_adv, parts = self._allocation_advantage(acc, cost, target)
+        if self._controls_budget():
+            det = self._deterministic_retention(prompts, out, M)
+            alloc_adv = alloc_adv + capo.budget_pressure(cost, self.budget_lambda)
+            self._metrics[mode]["alloc/budget_lambda"].append(self.budget_lambda)
+            self._metrics[mode]["alloc/deterministic_retention"].append(det)
+            self.budget_lambda = capo.dual_update(
+                self.budget_lambda, det, self.args.target_retention, self.capo_config
+            )
 
         # Per-row tensors: every rollout row carries its allocation; only the first row of an allocation
         # trains the Allocator (each allocation once, reference §3.5).
@@ -582,6 +600,29 @@ class CAPOTrainer(GRPOTrainer):
                 self.args.target_retention, h, w, n, self.geometry, self.capo_config
             )
         return self._target_costs[key]
+
+    def _controls_budget(self) -> bool:
+        return (
+            self.args.objective == "capo"
+            and self.capo_config.budget_lr > 0
+            and self.args.target_retention is not None
+        )
+
+    def _deterministic_retention(self, prompts: list[_Prompt], out, M: int) -> float:
+        """Mean retention of the Beta-mean allocations of this step's prompts (over every process), what the
+        budget multiplier steers: the deterministic Allocator is the one reported."""
+        means = self.allocator.mean_scales(out).detach().cpu().numpy()
+        mask = out.frame_mask.cpu().numpy()
+        values = []
+        for i, p in enumerate(prompts):
+            k = i * M  # the M copies of a prompt share its Beta parameters
+            scales = self._operator_scales(p.sample, means[k, : int(mask[k].sum())])
+            values.append(allocation_retention(scales, *p.sample.size, self.geometry, p.sample.is_image))
+        local = torch.tensor([float(np.mean(values)), 1.0], device=self.accelerator.device)
+        total = (
+            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        )
+        return float(total[0] / total[1])
 
     def _allocation_advantage(self, acc: torch.Tensor, cost: torch.Tensor, target=None):
         if self.args.objective == "capo":
@@ -830,6 +871,7 @@ class CAPOTrainer(GRPOTrainer):
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             self.save_allocator(folder / "allocator")
+            (folder / "allocator" / "budget_lambda.json").write_text(json.dumps(self.budget_lambda))
         super()._save_checkpoint(model, trial)
 
     def save_allocator(self, path: str | Path) -> Path:
@@ -861,3 +903,5 @@ class CAPOTrainer(GRPOTrainer):
         self.allocator_optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
         )
+        if (path / "budget_lambda.json").exists():
+            self.budget_lambda = float(json.loads((path / "budget_lambda.json").read_text()))

@@ -333,3 +333,18 @@ def test_an_allocation_at_the_target_retention_costs_c_star():
     cost = torch.full((2, 3), 0.5)
     pivot = dynamic_pivot(cost, cfg, torch.tensor([0.1, 0.9]))
     assert pivot.tolist() == pytest.approx([0.3, 0.7])
+
+
+def test_budget_multiplier_pressure_and_dual_ascent():
+    from resadapt.capo import budget_pressure, dual_update
+
+    cost = torch.tensor([[0.1, 0.5, 0.9], [0.4, 0.4, 0.4]])
+    p = budget_pressure(cost, 1.5)
+    z = (0.4 / torch.tensor([0.1, 0.5, 0.9]).std(unbiased=False)).item()
+    torch.testing.assert_close(p[0], torch.tensor([1.5 * z, 0.0, -1.5 * z]))  # cheaper is favoured
+    assert torch.equal(p[1], torch.zeros(3))  # no cost spread: no signal
+    cfg = CAPOConfig(budget_lr=2.0, budget_lambda_max=3.0)
+    assert dual_update(0.0, 0.6, 0.4, cfg) == pytest.approx(0.4)  # above the target: lambda grows
+    assert dual_update(0.1, 0.2, 0.4, cfg) == 0.0  # below: it shrinks, never under 0
+    assert dual_update(2.9, 1.0, 0.4, cfg) == 3.0  # capped
+    assert dual_update(1.0, 0.9, 0.4, CAPOConfig()) == 1.0  # budget_lr 0 (the authors' CAPO): never moves

@@ -247,3 +247,26 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
     for s in (0, 1):
         for k, v in weights["a", s].items():
             assert torch.equal(v, weights["b", s][k]), f"seed {s}: {k} differs between two runs"
+
+
+def test_sweep_settings_validate_every_combination_before_running(tmp_path):
+    from resadapt.config import ConfigError
+    from resadapt.stages.sweep import parse_assignment, settings
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    grid = [parse_assignment("train.learning_rate=1e-3,3e-3"), parse_assignment("train.capo.gas=0.05,0.2")]
+    out = settings(base, grid, max_steps=7)
+    assert [c for c, _ in out] == [
+        {"train.learning_rate": 0.001, "train.capo.gas": 0.05},
+        {"train.learning_rate": 0.001, "train.capo.gas": 0.2},
+        {"train.learning_rate": 0.003, "train.capo.gas": 0.05},
+        {"train.learning_rate": 0.003, "train.capo.gas": 0.2},
+    ]
+    assert out[3][1].train.capo.gas == 0.2 and out[3][1].train.max_steps == 7
+    assert base["train"]["learning_rate"] == 0.003 and base["train"]["max_steps"] == 150  # not mutated
+    with pytest.raises(ConfigError, match="train.learnin_rate"):
+        settings(base, [parse_assignment("train.learnin_rate=1")], None)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        settings(base, [parse_assignment("train.learning_rate=-1")], None)
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_assignment("train.learning_rate")

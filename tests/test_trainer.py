@@ -300,11 +300,26 @@ class _Crash(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
+@pytest.mark.parametrize("budget_lr", [0.0, 5.0], ids=["capo", "capo_with_budget_multiplier"])
+def test_killed_run_resumes_to_the_same_result(bench, tmp_path, budget_lr):
     from transformers import TrainerCallback
 
-    full = _trainer(bench, tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
+    from resadapt.config import CAPOConfig
+
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    if budget_lr:  # the multiplier moves every step and is restored from the checkpoint
+        kw |= dict(capo=CAPOConfig(budget_lr=budget_lr), target_retention=0.1)
+    full = _trainer(bench, tmp_path / "full", **kw)
     full.train()
+    if budget_lr:
+        lams = [h["alloc/budget_lambda"] for h in full.state.log_history if "alloc/budget_lambda" in h]
+        dets = [
+            h["alloc/deterministic_retention"] for h in full.state.log_history if "alloc/budget_lambda" in h
+        ]
+        assert lams[0] == 0.0 and len(lams) == 4
+        # dual ascent: each step moves lambda by budget_lr x (deterministic retention - target), from 0 up
+        assert lams[1] == pytest.approx(min(5.0, budget_lr * (dets[0] - 0.1)))
+        assert full.budget_lambda > 0
 
     class CrashAfter3(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -312,13 +327,14 @@ def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
                 raise _Crash
 
     run = tmp_path / "killed"
-    killed = _trainer(bench, run, max_steps=4, save_strategy="steps", save_steps=2, callbacks=[CrashAfter3()])
+    killed = _trainer(bench, run, callbacks=[CrashAfter3()], **kw)
     with pytest.raises(_Crash):
         killed.train()
     assert (run / "checkpoint-2" / "allocator" / "model.safetensors").exists()
     assert (run / "checkpoint-2" / "allocator" / "optimizer.pt").exists()
-    resumed = _trainer(bench, run, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed = _trainer(bench, run, **kw)
     resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert resumed.budget_lambda == full.budget_lambda
     for (k, a), b in zip(
         full.allocator.state_dict().items(), resumed.allocator.state_dict().values(), strict=True
     ):
