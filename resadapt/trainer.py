@@ -465,9 +465,11 @@ class CAPOTrainer(GRPOTrainer):
             target = torch.tensor([self._target_cost(p.sample) for p in prompts], device=device)
             self._metrics[mode]["alloc/target_cost"].append(float(target.mean()))
         alloc_adv, parts = self._allocation_advantage(acc, cost, target)
-        if self._controls_budget():
+        if self._controls_budget():  # per-frame advantages from here on: (P, M, T)
             det = self._deterministic_retention(prompts, out, M)
-            alloc_adv = alloc_adv + capo.budget_pressure(cost, self.budget_lambda)
+            per_frame = capo.frame_costs(scales, self.capo_config, saturation).view(P, M, -1)
+            pressure = capo.budget_pressure(per_frame, frame_mask.view(P, M, -1), self.budget_lambda)
+            alloc_adv = alloc_adv.unsqueeze(-1) + pressure
             self._metrics[mode]["alloc/budget_lambda"].append(self.budget_lambda)
             self._metrics[mode]["alloc/deterministic_retention"].append(det)
             self.budget_lambda = capo.dual_update(
@@ -496,7 +498,7 @@ class CAPOTrainer(GRPOTrainer):
             "alloc_u": u[row_alloc],
             "alloc_logp": logp[row_alloc],
             "alloc_mask": frame_mask[row_alloc],
-            "alloc_adv": alloc_adv.reshape(-1)[row_alloc],
+            "alloc_adv": alloc_adv.reshape(P * M, -1).squeeze(-1)[row_alloc],  # (B,) or per frame (B, T)
         }
 
         # Metrics, averaged over processes by TRL's logger.
@@ -719,10 +721,11 @@ class CAPOTrainer(GRPOTrainer):
         mask = inputs["alloc_mask"][first][:, :T] & out.frame_mask
         logp_new = self.allocator.log_prob(out, u)
         a = self.args
+        adv = inputs["alloc_adv"][first]
         ppo, m = capo.ppo_frame_loss(
             logp_new,
             logp_old,
-            inputs["alloc_adv"][first],
+            adv[:, :T] if adv.ndim == 2 else adv,
             mask,
             a.allocator_clip_low,
             a.allocator_clip_high,

@@ -336,15 +336,38 @@ def test_an_allocation_at_the_target_retention_costs_c_star():
 
 
 def test_budget_multiplier_pressure_and_dual_ascent():
-    from resadapt.capo import budget_pressure, dual_update
+    from resadapt.capo import budget_pressure, dual_update, frame_costs
 
-    cost = torch.tensor([[0.1, 0.5, 0.9], [0.4, 0.4, 0.4]])
-    p = budget_pressure(cost, 1.5)
+    # one prompt, M = 3 allocations of T = 2 frames: frame 0 varies, frame 1 costs the same in all three
+    cost = torch.tensor([[[0.1, 0.4], [0.5, 0.4], [0.9, 0.4]]])
+    mask = torch.ones_like(cost, dtype=torch.bool)
+    p = budget_pressure(cost, mask, 1.5)
     z = (0.4 / torch.tensor([0.1, 0.5, 0.9]).std(unbiased=False)).item()
-    torch.testing.assert_close(p[0], torch.tensor([1.5 * z, 0.0, -1.5 * z]))  # cheaper is favoured
-    assert torch.equal(p[1], torch.zeros(3))  # no cost spread: no signal
+    torch.testing.assert_close(p[0, :, 0], torch.tensor([1.5 * z, 0.0, -1.5 * z]))  # cheaper is favoured
+    assert torch.equal(p[0, :, 1], torch.zeros(3))  # a frame every allocation spends the same on: no signal
+    mask[0, 2, 0] = False  # a masked frame: no term, and not in its frame's statistics
+    p = budget_pressure(cost, mask, 1.0)
+    assert p[0, 2, 0] == 0 and p[0, 0, 0] == pytest.approx(1.0) and p[0, 1, 0] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="match mask"):
+        budget_pressure(cost, mask[..., 0], 1.0)
+    # the frame costs average to the allocation's proxy cost
+    cfg = CAPOConfig().with_scale_range(0.125, 1.25)
+    scales = torch.tensor([[0.125, 1.0, 1.25, 0.5]])
+    torch.testing.assert_close(frame_costs(scales, cfg, 1.0).mean(-1), proxy_cost(scales, None, cfg, 1.0))
     cfg = CAPOConfig(budget_lr=2.0, budget_lambda_max=3.0)
     assert dual_update(0.0, 0.6, 0.4, cfg) == pytest.approx(0.4)  # above the target: lambda grows
     assert dual_update(0.1, 0.2, 0.4, cfg) == 0.0  # below: it shrinks, never under 0
     assert dual_update(2.9, 1.0, 0.4, cfg) == 3.0  # capped
     assert dual_update(1.0, 0.9, 0.4, CAPOConfig()) == 1.0  # budget_lr 0 (the authors' CAPO): never moves
+
+
+def test_ppo_frame_loss_takes_one_advantage_per_frame():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    per_alloc, _ = ppo_frame_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask)
+    per_frame, _ = ppo_frame_loss(logp, logp.detach(), torch.tensor([[1.0] * 3, [-1.0] * 3]), mask)
+    assert per_alloc.item() == per_frame.item()
+    (g,) = torch.autograd.grad(
+        ppo_frame_loss(logp, logp.detach(), torch.tensor([[1.0, 0, -2], [0, 0, 0]]), mask)[0], logp
+    )
+    torch.testing.assert_close(g, torch.tensor([[-1.0, 0, 2], [0, 0, 0]]) / 6)

@@ -195,26 +195,17 @@ def test_build_allocator_draws_its_weights_from_the_seed(tmp_path, tiny_backbone
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), other.parameters(), strict=True))
 
 
-def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
-    tmp_path, tiny_bench, tiny_backbone_dir
-):
-    """The train stage's seeds, two spawned processes: each seed's Allocator is saved in its own folder,
-    differs from the other seed's, and a second run from scratch gives the same bytes; the report has every
-    row, the prior-only ones included."""
-    from conftest import BENCH_FRAME_SIZE, BENCH_FRAMES, SMALL_BACKBONE  # noqa: F401
-    from safetensors.torch import load_file
+def _tiny_params(out: Path, bench: Path, backbone: Path, **train) -> dict:
+    """params.yaml shrunk to the tiny benchmark and backbone: two seeds, two steps, outputs under `out`."""
+    from conftest import BENCH_FRAME_SIZE, BENCH_FRAMES
 
-    from resadapt.stages.train import over_seeds, seed_summary, train_seed
-
-    def params(run: str):
-        data = yaml.safe_load((ROOT / "params.yaml").read_text())
-        data["data"].update(root=str(tiny_bench), frame_size=BENCH_FRAME_SIZE, num_frames=BENCH_FRAMES)
-        data["budget"]["max_pixels"] = BENCH_FRAME_SIZE**2
-        data["backbone"]["path"] = str(tiny_backbone_dir)
-        data["allocator"].update(
-            coarse_size=56, dim=32, depth=1, num_heads=2, path=str(tmp_path / run / "alloc")
-        )
-        data["train"].update(
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["data"].update(root=str(bench), frame_size=BENCH_FRAME_SIZE, num_frames=BENCH_FRAMES)
+    data["budget"]["max_pixels"] = BENCH_FRAME_SIZE**2
+    data["backbone"]["path"] = str(backbone)
+    data["allocator"].update(coarse_size=56, dim=32, depth=1, num_heads=2, path=str(out / "alloc"))
+    data["train"].update(
+        dict(
             tasks=["detail_qa"],
             seeds=[0, 1],
             workers=2,
@@ -226,9 +217,25 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
             save_steps=2,
             val_samples=2,
             test_samples=2,
-            checkpoints=str(tmp_path / run / "checkpoints"),
+            checkpoints=str(out / "checkpoints"),
         )
-        return parse_params(data)
+        | train
+    )
+    return data
+
+
+def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
+    tmp_path, tiny_bench, tiny_backbone_dir
+):
+    """The train stage's seeds, two spawned processes: each seed's Allocator is saved in its own folder,
+    differs from the other seed's, and a second run from scratch gives the same bytes; the report has every
+    row, the prior-only ones included."""
+    from safetensors.torch import load_file
+
+    from resadapt.stages.train import over_seeds, seed_summary, train_seed
+
+    def params(run: str):
+        return parse_params(_tiny_params(tmp_path / run, tiny_bench, tiny_backbone_dir))
 
     weights = {}
     for run in ("a", "b"):
@@ -270,3 +277,17 @@ def test_sweep_settings_validate_every_combination_before_running(tmp_path):
         settings(base, [parse_assignment("train.learning_rate=-1")], None)
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         parse_assignment("train.learning_rate")
+
+
+def test_sweep_writes_a_val_table_per_setting_and_seed(tmp_path, tiny_bench, tiny_backbone_dir):
+    from resadapt.stages.sweep import parse_assignment, run_sweep, summary
+
+    base = tmp_path / "params.yaml"
+    base.write_text(yaml.safe_dump(_tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1)))
+    grid = [parse_assignment("train.learning_rate=1e-3,1e-2")]
+    table = run_sweep(base, grid, tmp_path / "sweep")
+    assert len(table) == 4 and sorted(set(table.seed)) == [0, 1]
+    assert table["val_retention"].between(0, 1).all() and table["val_accuracy"].between(0, 1).all()
+    assert (table.steps == 2).all()
+    assert pd.read_csv(tmp_path / "sweep" / "val_table.csv").shape == table.shape
+    assert list(summary(table, ["train.learning_rate"]).index) == [0.001, 0.01]
