@@ -9,7 +9,14 @@ import pandas as pd
 
 from resadapt.config import Params
 from resadapt.data.embedded import split_rows
-from resadapt.stages.train import compare_allocations, log_frames, over_seeds, rollout_engine, run
+from resadapt.stages.train import (
+    compare_allocations,
+    every_seed,
+    log_frames,
+    over_seeds,
+    rollout_engine,
+    run,
+)
 
 
 def ablation_seed(params: Params, model, processor) -> tuple[pd.DataFrame, dict]:
@@ -118,15 +125,7 @@ def checks_over_seeds(finals: dict[int, dict], val: pd.DataFrame, target_retenti
     per_seed = {
         s: ablation_checks(f, val[val.seed == s], target_retention) for s, f in sorted(finals.items())
     }
-    names = dict.fromkeys(k for c in per_seed.values() for k in c)
-    every = {
-        k: {
-            "holds": all(c.get(k, False) for c in per_seed.values()),
-            "failing_seeds": [s for s, c in per_seed.items() if not c.get(k, False)],
-        }
-        for k in names
-    }
-    return {"every_seed": every, "seeds": {str(s): c for s, c in per_seed.items()}}
+    return {"every_seed": every_seed(per_seed), "seeds": {str(s): c for s, c in per_seed.items()}}
 
 
 def finals_table(finals: dict[int, dict]) -> pd.DataFrame:

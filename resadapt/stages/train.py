@@ -456,6 +456,31 @@ def _nest(flat: dict[str, float]) -> dict:
     return out
 
 
+def _checks(d: dict, prefix: str = "") -> dict[str, bool]:
+    """The boolean leaves of a nested dict as {"a/b": value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _checks(v, f"{prefix}{k}/")
+        elif isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def every_seed(checks: dict[int, dict]) -> dict[str, dict]:
+    """Each check (nested names joined by '/') over seeds: it holds when it holds on every seed; the seeds
+    where it fails (or that lack it) are listed."""
+    flat = {s: _checks(c) for s, c in sorted(checks.items())}
+    names = dict.fromkeys(k for f in flat.values() for k in f)
+    return {
+        k: {
+            "holds": all(f.get(k, False) for f in flat.values()),
+            "failing_seeds": [s for s, f in flat.items() if not f.get(k, False)],
+        }
+        for k in names
+    }
+
+
 def seed_summary(per_seed: dict[int, dict]) -> dict:
     """`metrics/train.json`: every seed's `train_metrics` under `seeds`, each number's `mean` and `sd` over
     the seeds (sample sd; 0 for one seed), and the acceptance checks over seeds: a per-seed check holds
@@ -467,27 +492,7 @@ def seed_summary(per_seed: dict[int, dict]) -> dict:
     mean = flat.mean().to_dict()
     sd = (flat.std(ddof=1) if len(seeds) > 1 else flat.std(ddof=0)).to_dict()
 
-    def failing(path: tuple[str, ...]) -> list[int]:
-        out = []
-        for s in seeds:
-            node = per_seed[s]["checks"]
-            for k in path:
-                node = node[k]
-            if not node:
-                out.append(s)
-        return out
-
-    def check_paths(node, path=()):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from check_paths(v, (*path, k))
-            else:
-                yield (*path, k)
-
-    every = {
-        "/".join(p): {"holds": not failing(p), "failing_seeds": failing(p)}
-        for p in check_paths(first["checks"])
-    }
+    every = every_seed({s: per_seed[s]["checks"] for s in seeds})
     acc = {
         k.split("/")[1]: v for k, v in mean.items() if k.startswith("methods/") and k.endswith("/accuracy")
     }
