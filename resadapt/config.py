@@ -260,8 +260,8 @@ class CAPOConfig(_Section):
     s_max: Annotated[float, Field(gt=0.0, exclude=True)] = 2.0
     # ours, off by default (0: the authors' CAPO): a Lagrange multiplier lambda on the budget, updated by dual
     # ascent lambda <- clip(lambda + budget_lr * (R_det - R*), 0, budget_lambda_max) from the retention R_det
-    # of the deterministic (Beta-mean) allocations of each step's prompts; every advantage gets
-    # - lambda * z(cost), the group z-score of the proxy cost, after the floor (capo.budget_pressure)
+    # of the deterministic (Beta-mean) allocations of each step's prompts; every frame's advantage gets
+    # - lambda * z, its own cost z-scored over the prompt's allocations, after the floor (capo.budget_pressure)
     budget_lr: Annotated[float, Field(ge=0.0)] = 0.0
     budget_lambda_max: Annotated[float, Field(gt=0.0)] = 5.0
     concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4

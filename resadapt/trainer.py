@@ -292,9 +292,8 @@ class CAPOTrainer(GRPOTrainer):
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
         self._samples: dict[str, LoadedSample] = {}
         self._target_costs: dict[tuple[int, int, int], float] = {}
-        self.budget_lambda = (
-            0.0  # the budget multiplier (CAPOConfig.budget_lr), checkpointed with the Allocator
-        )
+        # the budget multiplier (CAPOConfig.budget_lr), checkpointed with the Allocator
+        self.budget_lambda = 0.0
         self._loss_visuals: list[dict] | None = None
         self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order

@@ -1,6 +1,7 @@
 """Shared test settings and the tiny models and data several test files use, built once per session."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -81,3 +82,33 @@ def log_row(grid, task, frames, method, budget, sid, score, retention, reference
         "seconds": seconds,
         "end_to_end_seconds": sum(seconds.values()),
     } | extra
+
+
+def tiny_params(out: Path, bench: Path, backbone: Path, **train) -> dict:
+    """params.yaml (as a mapping) shrunk to the tiny benchmark and backbone: a small Allocator saved under
+    `out/allocator`, two seeds, two steps, checkpoints under `out`; `train` overrides train keys."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    data["data"].update(root=str(bench), frame_size=BENCH_FRAME_SIZE, num_frames=BENCH_FRAMES)
+    data["budget"]["max_pixels"] = BENCH_FRAME_SIZE**2
+    data["backbone"]["path"] = str(backbone)
+    data["allocator"].update(coarse_size=56, dim=32, depth=1, num_heads=2, path=str(out / "allocator"))
+    data["train"].update(
+        dict(
+            tasks=["detail_qa"],
+            seeds=[0, 1],
+            workers=2,
+            max_steps=2,
+            prompts_per_step=1,
+            allocations_per_prompt=2,
+            rollouts_per_allocation=1,
+            eval_steps=2,
+            save_steps=2,
+            val_samples=2,
+            test_samples=2,
+            checkpoints=str(out / "checkpoints"),
+        )
+        | train
+    )
+    return data

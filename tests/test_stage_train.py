@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 
 from resadapt.config import parse_params
 from resadapt.stages.ablation import ablation_checks, checks_over_seeds, finals_table
@@ -195,35 +196,6 @@ def test_build_allocator_draws_its_weights_from_the_seed(tmp_path, tiny_backbone
     assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), other.parameters(), strict=True))
 
 
-def _tiny_params(out: Path, bench: Path, backbone: Path, **train) -> dict:
-    """params.yaml shrunk to the tiny benchmark and backbone: two seeds, two steps, outputs under `out`."""
-    from conftest import BENCH_FRAME_SIZE, BENCH_FRAMES
-
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data["data"].update(root=str(bench), frame_size=BENCH_FRAME_SIZE, num_frames=BENCH_FRAMES)
-    data["budget"]["max_pixels"] = BENCH_FRAME_SIZE**2
-    data["backbone"]["path"] = str(backbone)
-    data["allocator"].update(coarse_size=56, dim=32, depth=1, num_heads=2, path=str(out / "alloc"))
-    data["train"].update(
-        dict(
-            tasks=["detail_qa"],
-            seeds=[0, 1],
-            workers=2,
-            max_steps=2,
-            prompts_per_step=1,
-            allocations_per_prompt=2,
-            rollouts_per_allocation=1,
-            eval_steps=2,
-            save_steps=2,
-            val_samples=2,
-            test_samples=2,
-            checkpoints=str(out / "checkpoints"),
-        )
-        | train
-    )
-    return data
-
-
 def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
     tmp_path, tiny_bench, tiny_backbone_dir
 ):
@@ -235,7 +207,7 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
     from resadapt.stages.train import over_seeds, seed_summary, train_seed
 
     def params(run: str):
-        return parse_params(_tiny_params(tmp_path / run, tiny_bench, tiny_backbone_dir))
+        return parse_params(tiny_params(tmp_path / run, tiny_bench, tiny_backbone_dir))
 
     weights = {}
     for run in ("a", "b"):
@@ -283,7 +255,7 @@ def test_sweep_writes_a_val_table_per_setting_and_seed(tmp_path, tiny_bench, tin
     from resadapt.stages.sweep import parse_assignment, run_sweep, summary
 
     base = tmp_path / "params.yaml"
-    base.write_text(yaml.safe_dump(_tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1)))
+    base.write_text(yaml.safe_dump(tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1)))
     grid = [parse_assignment("train.learning_rate=1e-3,1e-2")]
     table = run_sweep(base, grid, tmp_path / "sweep")
     assert len(table) == 4 and sorted(set(table.seed)) == [0, 1]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 from datasets import Dataset
 
 from resadapt.allocator import Allocator
@@ -370,20 +371,12 @@ def test_accelerate_two_processes(bench, tmp_path, how):
     launcher starts only one unless MPI is set up (`--mpirun_hostfile`), which is why this checks both ranks.
     The same holds for the repository's 8-GPU launch file with `--num_processes 2`.
     """
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(root=str(bench.root), frame_size=112, num_frames=8)
-    params["budget"]["max_pixels"] = 112 * 112
-    params["backbone"]["path"] = str(bench.backbone)
-    params["allocator"].update(ALLOCATOR, path=str(tmp_path / "allocator"))
-    params["train"].update(
-        tasks=["detail_qa"],
-        max_steps=2,
-        prompts_per_step=1,
-        allocations_per_prompt=2,
+    params = tiny_params(
+        tmp_path,
+        bench.root,
+        bench.backbone,
         rollouts_per_allocation=2,
-        save_steps=2,
         eval_steps=100,
-        val_samples=2,
         checkpoints=str(tmp_path / "runs"),
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -50,7 +50,7 @@ class Oracle(Method):
 
     Evidence chunks at full resolution first, as many as fit (those with more evidence frames first); the
     other chunks at s_min when the budget allows it (any budget left over spread over them), else dropped.
-    Only when not even one evidence chunk fits at full resolution is the evidence shrunk: the first evidence
+    Only when not even one evidence chunk fits at full resolution is the evidence shrunk: the fullest evidence
     chunk alone at the largest scale that fits, the rest dropped (one readable chunk beats several blurred
     ones on every task here). An image is its own evidence: it is FixedScale. A video without evidence
     frames gets FixedScale too.

@@ -90,7 +90,7 @@ def seeds_table(df: pd.DataFrame) -> pd.DataFrame:
         {
             **{f"seed {c}": acc[c] for c in acc.columns},
             "mean": acc.mean(axis=1),
-            "sd": acc.std(axis=1, ddof=1) if acc.shape[1] > 1 else acc.mean(axis=1) * 0.0,
+            "sd": acc.std(axis=1, ddof=1).fillna(0.0),  # one seed: 0
             "retention_% mean": ret.mean(axis=1),
         },
         axis=1,
@@ -419,10 +419,8 @@ def np_default(o):
 # The evaluate stage.
 
 ALLOCATOR_METHODS = ("resadapt", "resadapt_hard", "frame_selection")  # the trained Allocator
-SEEDED_METHODS = (
-    "resadapt",
-    "resadapt_hard",
-)  # run with every seed's Allocator; frame selection with the first
+# run with every seed's Allocator; frame selection with the first seed's
+SEEDED_METHODS = ("resadapt", "resadapt_hard")
 PRIOR_METHODS = ("prior_only", "prior_only_hard")  # the untrained one (its relevance prior)
 
 
@@ -468,36 +466,31 @@ def source_rows(params, source: str) -> tuple[list[dict], Path]:
 
 
 def trained_allocators(params) -> dict[int, Allocator]:
-    """The train stage's Allocator of every `train.seeds`, loaded once per process."""
-    key = (params.allocator.path, tuple(params.train.seeds))
-    if key not in _ALLOCATORS:
-        out = {}
-        for s in params.train.seeds:
-            path = params.allocator.seed_path(s)
-            if not (path / "config.json").exists():
-                raise FileNotFoundError(
-                    f"{path} holds no trained Allocator (allocator.path, seed {s} of train.seeds); run the "
-                    "train stage (dvc repro train)"
-                )
-            out[int(s)] = Allocator.from_pretrained(path)
-        _ALLOCATORS.clear()
-        _ALLOCATORS[key] = out
-    return _ALLOCATORS[key]
+    """The train stage's Allocator of every `train.seeds`."""
+    out = {}
+    for s in params.train.seeds:
+        path = params.allocator.seed_path(s)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{path} holds no trained Allocator (allocator.path, seed {s} of train.seeds); run the "
+                "train stage (dvc repro train)"
+            )
+        out[int(s)] = Allocator.from_pretrained(path)
+    return out
 
 
-_ALLOCATORS: dict = {}
-
-
-def stage_context(params, model, processor, methods: Iterable[str]) -> MethodContext:
-    """Method context for the stage; loads the trained Allocator (and builds the untrained one from
-    `allocator` params and `seed`) only when a method needs it."""
+def stage_context(
+    params, model, processor, methods: Iterable[str], allocators: dict[int, Allocator]
+) -> MethodContext:
+    """Method context for the stage: the first seed's trained Allocator (of `allocators`) and the untrained
+    one (built from `allocator` params and `seed`), each only when a method needs it."""
     context = MethodContext(
         geometry=VisionGeometry.from_processor(processor),
         s_min=params.budget.s_min,
         seed=params.seed,
     )
     if set(methods) & set(ALLOCATOR_METHODS):
-        context.allocator = trained_allocators(params)[params.train.seeds[0]]
+        context.allocator = allocators[params.train.seeds[0]]
     if set(methods) & set(PRIOR_METHODS):
         context.prior_allocator = build_allocator(params, model)
     if set(methods) & {*ALLOCATOR_METHODS, *PRIOR_METHODS}:
@@ -513,7 +506,8 @@ def _evaluator(
     Token-pruning methods always run on transformers: they change the LLM's input after the vision encoder,
     which an unmodified inference engine does not expose.
     """
-    context = stage_context(params, model, processor, methods)
+    allocators = trained_allocators(params) if set(methods) & set(ALLOCATOR_METHODS) else {}
+    context = stage_context(params, model, processor, methods, allocators)
     gen = params.backbone.generation
 
     def pruned(method: str, keep_ratio: float):
@@ -522,7 +516,6 @@ def _evaluator(
     backend = None
     if server is not None:
         backend = VLLMBackend(server[0], server[1], processor, gen.max_new_tokens, gen.batch_size)
-    allocators = trained_allocators(params) if context.allocator is not None else {}
     return Evaluator(
         model, processor, context, gen.max_new_tokens, gen.batch_size, pruned, backend, allocators
     )

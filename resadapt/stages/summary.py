@@ -29,6 +29,14 @@ def _flags(checks: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _every_seed(every: dict) -> str:
+    """Checks over seeds (`{name: {holds, failing_seeds}}`) as one line."""
+    return ", ".join(
+        f"{k}: {'yes' if v['holds'] else 'NO (seeds ' + str(v['failing_seeds']) + ')'}"
+        for k, v in every.items()
+    )
+
+
 def summary_lines(root: str | Path = ".") -> list[str]:
     root = Path(root)
     lines = []
@@ -55,23 +63,14 @@ def summary_lines(root: str | Path = ".") -> list[str]:
         every = train.get("checks", {}).get("every_seed", {})
         lines.append(
             f"train evidence gap {train.get('mean', {}).get('evidence', {}).get('gap', float('nan')):.2f} (mean); "
-            + ", ".join(
-                f"{k}: {'yes' if v['holds'] else 'NO (seeds ' + str(v['failing_seeds']) + ')'}"
-                for k, v in every.items()
-            )
+            + _every_seed(every)
             + "; on the mean: "
             + ", ".join(_flags(train.get("checks", {}).get("mean_over_seeds", {})))
         )
     ablation = _load(root, "ablation")
     if ablation:
         every = ablation.get("checks", {}).get("every_seed", {})
-        lines.append(
-            "ablation (every seed): "
-            + ", ".join(
-                f"{k}: {'yes' if v['holds'] else 'NO (seeds ' + str(v['failing_seeds']) + ')'}"
-                for k, v in every.items()
-            )
-        )
+        lines.append("ablation (every seed): " + _every_seed(every))
     evaluate = _load(root, "evaluate")
     if evaluate:
         lines.append(
