@@ -17,13 +17,16 @@ Two encoder profiles share every line below the encoder:
 Differences from the authors' v2 scorer (reference §1.2-1.5), all deliberate: no spatial self-attention
 (the coarse tokens are few; temporal mixing and the question are what decides where to look), the
 cross-attention is gated (paper's description; the authors' v3 uses sigmoid(g) with g = 0.25, as here), the
-five hand-made "info" features are dropped. The Beta parameterisation is the reference's
-(alpha, beta = clamp(softplus(k p) + 1 + 1e-6, 1, beta_max)). The initialisation is not: the reference
-zeroes the head's last layer with bias -10/k, i.e. softplus(-10), which gives an exactly uniform policy but a
-softplus slope of 4.5e-5, so the head barely moves (measured here: the validation mean scale did not change
-in 30 CAPO steps at lr 1e-3; Adam moves the bias by ~lr per step, ~10^4 steps to leave saturation).
-`beta_init_logit` is k * bias: 0 (default) starts at alpha = beta = 1 + ln 2 (a broad, symmetric Beta, slope
-0.5); -10 reproduces the reference.
+five hand-made "info" features are dropped. The Beta parameters follow the authors' v3 head (reference §1.7,
+item 6), not v2's independent (alpha, beta) per frame: the Beta mean is sigmoid(budget + split), one budget
+logit per video plus a zero-sum split over its frames, and a per-frame concentration
+(`Allocator.beta_parameters`), alpha, beta in [1, beta_max]. A budget signal then moves how much a video gets
+without flattening where it goes (with v2's head, a budget constraint shrank every frame alike and the
+deterministic Allocator fell to 0.03-0.07 val accuracy at its target; README, "Choosing hyperparameters").
+The initialisation differs from the reference's too: it zeroes the head's last layer with bias -10/k, an
+exactly uniform policy whose softplus slope (4.5e-5) barely moves. `beta_init_logit` sets the initial free
+concentration c = 2 softplus(beta_init_logit): 0 (default) starts at alpha = beta = 1 + ln 2 (a broad,
+symmetric Beta); -10 reproduces the reference's Beta(1, 1).
 
 Beyond the reference: a relevance prior, the question-to-frame match score of `relevance` through a bilinear
 form `relevance_metric` that starts at the identity (the parameter-free score) and is learned, added to the
@@ -84,6 +87,8 @@ _DEFAULT_NORM = {
     "qwen3_vl": (_HALF, _HALF),
     "smolvlm": (_HALF, _HALF),
 }
+# |logit| of the Beta mean beyond which alpha or beta exceeds e^10 (far past any beta_max clamp)
+_MAX_LOGIT = 10.0
 # Same clamp of the latent as capo.beta_log_prob: log-probs stay finite at sampled extremes.
 _U_EPS = 1e-6
 # Frames sent through the frozen vision encoder in one call (bounds memory for long videos).
@@ -161,12 +166,10 @@ class AllocatorConfig(PretrainedConfig):
         self.beta_max = positive_number(f"{owner}.beta_max", self.beta_max)
         if self.init_mean_scale is not None:
             m = float(self.init_mean_scale)
-            conc = 2.0 * (1.0 + math.log1p(math.exp(self.beta_init_logit)))
-            u = (m - self.s_min) / (self.s_max - self.s_min)
-            if not (0.0 < u < 1.0 and u * conc > 1.0 and (1.0 - u) * conc > 1.0):
+            if not self.s_min < m < self.s_max:
                 raise ValueError(
-                    f"{owner}.init_mean_scale {m} is not reachable with alpha, beta >= 1 at total concentration "
-                    f"{conc:.2f} (raise beta_init_logit or move it toward the middle of [s_min, s_max])"
+                    f"{owner}.init_mean_scale must be strictly between s_min ({self.s_min}) and s_max "
+                    f"({self.s_max}), got {m}"
                 )
             self.init_mean_scale = m
         if not isinstance(self.relevance_prior, bool):
@@ -292,15 +295,15 @@ class FrameFeatures:
 class AllocatorOutput(ModelOutput):
     """Beta parameters per frame (masked frames: alpha = beta = 1) and the pooled frame features.
 
-    `alpha`, `beta` are clamped to [1, beta_max] (the policy); `alpha_raw`, `beta_raw` are the same before the
-    clamp, for the concentration regularizer: on the clamped values its gradient is exactly 0 at beta_max,
-    so a saturated frame could never be pulled back (the authors regularize the unclamped values).
+    `alpha`, `beta` are clamped to [1, beta_max] (the policy). `budget_logit` (B,), `split` (B, T) and
+    `concentration` (B, T) are the unclamped parts they are made of (`Allocator.beta_parameters`).
     """
 
     alpha: torch.Tensor | None = None
     beta: torch.Tensor | None = None
-    alpha_raw: torch.Tensor | None = None
-    beta_raw: torch.Tensor | None = None
+    budget_logit: torch.Tensor | None = None
+    split: torch.Tensor | None = None
+    concentration: torch.Tensor | None = None
     frame_mask: torch.Tensor | None = None
     frame_features: torch.Tensor | None = None
     pool_weights: torch.Tensor | None = None
@@ -541,6 +544,8 @@ class Allocator(PreTrainedModel):
         )
         self.pool = _TextAwarePool(d, config.pool_hidden)
         self.head = _BetaHead(d, config.head_hidden)
+        # one budget logit per video from its frames' mean; the head's per-frame scores only split it
+        self.budget = nn.Linear(d, 1)
         if config.relevance_prior and self.encoder_dim != self.query_dim:
             raise ValueError(
                 f"AllocatorConfig.relevance_prior needs frame tokens and query in one space, but their widths "
@@ -551,7 +556,7 @@ class Allocator(PreTrainedModel):
         self.relevance_metric = (
             nn.Linear(self.encoder_dim, self.query_dim, bias=False) if config.relevance_prior else None
         )
-        self.relevance_head = nn.Linear(1, 2) if config.relevance_prior else None
+        self.relevance_head = nn.Linear(1, 1) if config.relevance_prior else None
         self.post_init()
         self._freeze()
 
@@ -574,13 +579,16 @@ class Allocator(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
             init.zeros_(module.bias)
         elif module is getattr(self, "relevance_head", None):
-            # +r on alpha, -r on beta: relevant frames start with more pixels (0: no prior)
-            r = self.config.relevance_init
-            init.copy_(module.weight, torch.tensor([[r], [-r]], dtype=module.weight.dtype))
+            # +r on the split logit: relevant frames start with more pixels (0: no prior)
+            init.constant_(module.weight, self.config.relevance_init)
             init.zeros_(module.bias)
+        elif module is getattr(self, "budget", None):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, self._init_budget_logit())
         elif getattr(module, "_resadapt_beta_out", False):
             init.zeros_(module.weight)
-            init.copy_(module.bias, self._init_bias().to(module.bias.dtype))
+            k = self.config.beta_param_scale
+            init.copy_(module.bias, torch.tensor([0.0, self.config.beta_init_logit / k], dtype=module.bias.dtype))
         elif isinstance(module, _DecoderLayer):
             init.constant_(module.cross_gate, self.config.gate_init)
         elif isinstance(module, nn.Linear):
@@ -593,17 +601,14 @@ class Allocator(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def _init_bias(self) -> torch.Tensor:
-        """Raw head bias giving the initial Beta: symmetric, or with mean `init_mean_scale` at the same
-        total concentration (the authors start above the cost target, reference §1.5)."""
+    def _init_budget_logit(self) -> float:
+        """The budget logit giving the initial Beta mean: 1/2, or `init_mean_scale` (the authors start above
+        the cost target, reference §1.5)."""
         c = self.config
-        k = c.beta_param_scale
         if c.init_mean_scale is None:
-            return torch.full((2,), c.beta_init_logit / k)
-        conc = 2.0 * (1.0 + math.log1p(math.exp(c.beta_init_logit)))
+            return 0.0
         u = (c.init_mean_scale - c.s_min) / (c.s_max - c.s_min)
-        ab = torch.tensor([u * conc, (1.0 - u) * conc], dtype=torch.float64)
-        return (torch.log(torch.expm1(ab - 1.0)) / k).float()  # softplus^-1(ab - 1) / k
+        return math.log(u / (1.0 - u))
 
     def frozen_modules(self) -> list[nn.Module]:
         """The frozen encoders: never trained, always in eval mode."""
@@ -860,24 +865,71 @@ class Allocator(PreTrainedModel):
         pooled, pool_weights = self.pool(x, q_mean)
         pooled = pooled * frame_mask[..., None]
         raw = self.head(pooled).float()
+        score = raw[..., 0]
         if self.relevance_head is not None:
             metric = self.relevance_metric
             rel = relevance(
                 metric(frame_tokens.to(metric.weight.dtype)).float(), frame_mask, query.float(), query_mask
             )
-            raw = raw + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype)).float()
-        unclamped = F.softplus(self.config.beta_param_scale * raw) + 1.0 + 1e-6
-        ab = unclamped.clamp(1.0, self.config.beta_max)
-        one = torch.ones_like(ab[..., 0])
+            score = score + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype))[..., 0].float()
+        w = frame_mask.to(score.dtype)
+        n = w.sum(1, keepdim=True)
+        split = (score - (score * w).sum(1, keepdim=True) / n) * w
+        video = (pooled * w[..., None]).sum(1) / n
+        # a product-sum, not the Linear's matvec: BLAS picks a kernel by the weight's memory layout, and a
+        # reloaded Allocator then differed in the 7th digit
+        budget_logit = (video * self.budget.weight[0]).sum(-1).float() + self.budget.bias[0].float()
+        concentration = 2.0 * F.softplus(self.config.beta_param_scale * raw[..., 1])
+        alpha, beta = self.beta_parameters(budget_logit, split, concentration)
+        one = torch.ones_like(alpha)
         return AllocatorOutput(
-            alpha=torch.where(frame_mask, ab[..., 0], one),
-            beta=torch.where(frame_mask, ab[..., 1], one),
-            alpha_raw=torch.where(frame_mask, unclamped[..., 0], one),
-            beta_raw=torch.where(frame_mask, unclamped[..., 1], one),
+            alpha=torch.where(frame_mask, alpha.clamp(1.0, self.config.beta_max), one),
+            beta=torch.where(frame_mask, beta.clamp(1.0, self.config.beta_max), one),
+            budget_logit=budget_logit,
+            split=split,
+            concentration=concentration,
             frame_mask=frame_mask,
             frame_features=pooled,
             pool_weights=pool_weights,
         )
+
+    @staticmethod
+    def beta_parameters(
+        budget_logit: torch.Tensor, split: torch.Tensor, concentration: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unclamped (alpha, beta), (B, T), with Beta mean mu = sigmoid(budget + split).
+
+        The authors' v3 decomposition (reference §1.7, item 6): one budget logit per video sets how much the
+        video gets, a zero-sum split over its frames where it goes, so a cost signal on the budget does not
+        flatten the split. alpha = mu k, beta = (1 - mu) k with k = 1 / min(mu, 1 - mu) + c: alpha, beta >= 1
+        (unimodal, as the authors' +1) and the mean stays mu whatever c does. (alpha = 1 + mu c,
+        beta = 1 + (1 - mu) c was tried: PPO drove c to 0 within 30 steps, where the mean no longer moves.)
+        Written in the logit x, stable at any x: alpha = exp(relu(x)) + sigmoid(x) c, beta likewise in -x.
+        """
+        x = (budget_logit[:, None] + split).clamp(-_MAX_LOGIT, _MAX_LOGIT)
+        alpha = torch.exp(F.relu(x)) + torch.sigmoid(x) * concentration
+        beta = torch.exp(F.relu(-x)) + torch.sigmoid(-x) * concentration
+        return alpha + 1e-6, beta + 1e-6
+
+    @staticmethod
+    def spread_parameters(output: AllocatorOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + mu c, 1 + (1 - mu) c), unclamped: what the concentration regularizer sees.
+
+        alpha + beta = 2 + c, the free concentration only. The rest of the policy's alpha + beta is what an
+        extreme mean needs to keep alpha, beta >= 1 (a frame at s_min has beta >= 1 / mu), not a collapse;
+        regularizing it pulled every frame back to the middle (measured: the term grew to ~0.9, on par with
+        the PPO loss, and the deterministic allocation stayed 0.2-0.3 below full resolution on evidence).
+        Unclamped, so a frame past beta_max is still pulled back.
+        """
+        mu = torch.sigmoid(output.budget_logit[:, None] + output.split)
+        return 1.0 + mu * output.concentration, 1.0 + (1.0 - mu) * output.concentration
+
+    def budget_mean_scales(self, output: AllocatorOutput) -> torch.Tensor:
+        """Deterministic scales (B, T) with only the budget logit differentiable: what a budget constraint
+        trains, so that it moves how much each video gets and leaves where it goes to CAPO."""
+        a, b = self.beta_parameters(output.budget_logit, output.split.detach(), output.concentration.detach())
+        a, b = a.clamp(1.0, self.config.beta_max), b.clamp(1.0, self.config.beta_max)
+        return torch.where(output.frame_mask, self.scales_from_latent(a / (a + b)), torch.zeros_like(a))
 
     def scales_from_latent(self, u: torch.Tensor) -> torch.Tensor:
         """s = s_min + u (s_max - s_min)."""

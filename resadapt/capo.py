@@ -33,9 +33,7 @@ __all__ = [
     "dynamic_pivot",
     "asymmetric_shaping",
     "capo_advantage",
-    "frame_costs",
-    "budget_pressure",
-    "dual_update",
+    "budget_constraint",
     "no_cost_advantage",
     "lagrangian_advantage",
     "proxy_cost",
@@ -211,44 +209,28 @@ def capo_advantage(
     return adv, parts
 
 
-def frame_costs(
-    frame_scales: torch.Tensor, cfg: CAPOConfig, effective_max_scale: torch.Tensor | float | None = None
-) -> torch.Tensor:
-    """Each frame's share of `proxy_cost`: clamp((min(s, saturation) - s_min) / (s_max - s_min), 0, 1), shape
-    of `frame_scales`; an allocation's proxy cost is the mean of its valid frames' costs."""
-    s = _float(frame_scales, "frame_scales")
-    if effective_max_scale is not None:
-        s = torch.minimum(s, _float(effective_max_scale, "effective_max_scale").to(s.dtype))
-    return ((s - cfg.s_min) / (cfg.s_max - cfg.s_min)).clamp(0.0, 1.0)
+def budget_constraint(
+    mean_scales: torch.Tensor, mask: torch.Tensor, measured: torch.Tensor, target: float, coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rho * (R_det - R*)^2: the deterministic allocations' retention pulled onto the target.
 
-
-def budget_pressure(frame_cost: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-    """-lambda * z: the budget multiplier's per-frame term, added to CAPO's advantages after the floor.
-
-    `frame_cost` and `mask` are (..., M, T): the M allocations of one prompt share its T frames. z is each
-    frame's cost z-scored over the M allocations (population std; 0 where they all spend the same), so a
-    frame is credited only with its own spending: cost is a sum over frames, and the other frames' draws are
-    noise to this frame's gradient (the accuracy term, which no frame owns, stays one per allocation).
-    Scale-free like the accuracy z-score it competes with; lambda (`dual_update`) sets how much. Masked
-    frames get 0.
+    `mean_scales` (B, T) are the Beta-mean scales (differentiable), `measured` (B,) the retention the budget
+    operator measures for them (token arithmetic, rounding included). The value is the measured one, the
+    gradient that of the smooth proxy mean_t s_t^2 (tokens grow with the square of the scale), a
+    straight-through estimate: the rounding to whole 28-px tokens has no gradient. The mean over the batch
+    is constrained (the paper's budget is an average), so one question may spend more than another.
+    Returns (loss, R_det).
     """
-    c = _float(frame_cost, "frame_cost")
     m = torch.as_tensor(mask, dtype=torch.bool)
-    if c.ndim < 2 or m.shape != c.shape:
-        raise ValueError(f"frame_cost {tuple(c.shape)} must be (..., M, T) and match mask {tuple(m.shape)}")
-    w = m.to(c.dtype)
-    n = w.sum(-2, keepdim=True).clamp(min=1.0)
-    mean = (c * w).sum(-2, keepdim=True) / n
-    std = (((c - mean) ** 2) * w).sum(-2, keepdim=True).div(n).sqrt()
-    ok = std >= _STD_EPS
-    z = torch.where(ok, (c - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(c))
-    return torch.where(m, -float(lam) * z, torch.zeros_like(c))
-
-
-def dual_update(lam: float, retention: float, target: float, cfg: CAPOConfig) -> float:
-    """One dual-ascent step of the budget multiplier: up while the deterministic allocations keep more than
-    the target retention, down (to 0) once they keep less; clipped to [0, budget_lambda_max]."""
-    return float(min(max(lam + cfg.budget_lr * (retention - target), 0.0), cfg.budget_lambda_max))
+    if mean_scales.shape != m.shape or mean_scales.ndim != 2:
+        raise ValueError(f"mean_scales {tuple(mean_scales.shape)} must be (B, T) and match mask {tuple(m.shape)}")
+    measured = _float(measured, "measured").to(mean_scales.dtype)
+    if measured.shape != mean_scales.shape[:1]:
+        raise ValueError(f"measured must be (B,) = {tuple(mean_scales.shape[:1])}, got {tuple(measured.shape)}")
+    w = m.to(mean_scales.dtype)
+    proxy = (mean_scales**2 * w).sum(-1) / w.sum(-1).clamp(min=1.0)
+    r_det = (proxy + (measured - proxy).detach()).mean()
+    return float(coef) * (r_det - float(target)) ** 2, r_det.detach()
 
 
 def no_cost_advantage(acc: torch.Tensor) -> torch.Tensor:
@@ -335,8 +317,7 @@ def ppo_frame_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-frame clipped PPO surrogate of the Allocator (verl `vanilla`, token-mean; reference §3.5).
 
-    logp_* and frame_mask are (..., T), advantages (...,) -- one per allocation, broadcast to its frames -- or
-    (..., T), one per frame.
+    logp_* and frame_mask are (..., T), advantages (...,): one per allocation, broadcast to its frames.
     ratio_t = exp(logp_new - logp_old); loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and for
     A < 0 additionally min(., -A * dual_clip) so a huge ratio on a bad allocation cannot blow up the step.
     The loss is the mean over valid frames of all allocations (masked frames never touch the value or the
@@ -354,15 +335,12 @@ def ppo_frame_loss(
             f"{tuple(frame_mask.shape)} must have the same shape"
         )
     adv = _float(advantages_per_allocation, "advantages_per_allocation").to(logp_new.dtype)
-    if adv.shape == logp_new.shape:
-        a = adv  # one advantage per frame (the budget multiplier's per-frame term)
-    elif adv.shape == logp_new.shape[:-1]:
-        a = adv.unsqueeze(-1).expand_as(logp_new)
-    else:
+    if adv.shape != logp_new.shape[:-1]:
         raise ValueError(
-            f"advantages_per_allocation shape {tuple(adv.shape)} must be logp shape {tuple(logp_new.shape)} "
-            f"or that without the frame dim {tuple(logp_new.shape[:-1])}"
+            f"advantages_per_allocation shape {tuple(adv.shape)} must be the logp shape without the frame dim "
+            f"{tuple(logp_new.shape[:-1])}"
         )
+    a = adv.unsqueeze(-1).expand_as(logp_new)
     m = frame_mask.to(torch.bool)
     log_ratio = torch.where(m, logp_new - logp_old.detach(), torch.zeros_like(logp_new))
     ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))

@@ -258,12 +258,9 @@ class CAPOConfig(_Section):
     # set by the trainer from the Allocator (never in params; not dumped, so params round-trip)
     s_min: Annotated[float, Field(gt=0.0, exclude=True)] = 0.2
     s_max: Annotated[float, Field(gt=0.0, exclude=True)] = 2.0
-    # ours, off by default (0: the authors' CAPO): a Lagrange multiplier lambda on the budget, updated by dual
-    # ascent lambda <- clip(lambda + budget_lr * (R_det - R*), 0, budget_lambda_max) from the retention R_det
-    # of the deterministic (Beta-mean) allocations of each step's prompts; every frame's advantage gets
-    # - lambda * z, its own cost z-scored over the prompt's allocations, after the floor (capo.budget_pressure)
-    budget_lr: Annotated[float, Field(ge=0.0)] = 0.0
-    budget_lambda_max: Annotated[float, Field(gt=0.0)] = 5.0
+    # ours (0: the authors' CAPO): weight rho of the budget constraint rho * (R_det - R*)^2 on the retention
+    # R_det of the deterministic (Beta-mean) allocations of each step's prompts (capo.budget_constraint)
+    budget_coef: Annotated[float, Field(ge=0.0)] = 0.0
     concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4
     concentration_cap: Annotated[float, Field(gt=2.0)] | None = None  # alpha, beta >= 1: a cap must exceed 2
     similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3
@@ -297,7 +294,7 @@ class RLParams(_Section):
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     # CAPO's budget in the unit of every table (token retention); c* is derived per prompt from it
     # (capo.target_cost_for_retention), so train.capo.target_cost is not set in params
-    target_retention: Budget = 0.39
+    target_retention: Budget = 0.15
     capo: CAPOConfig = CAPOConfig()
     joint_training: bool = False
     backbone_learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6

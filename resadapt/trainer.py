@@ -292,8 +292,6 @@ class CAPOTrainer(GRPOTrainer):
         self._feature_cache: dict[str, tuple[FrameFeatures, torch.Tensor, torch.Tensor]] = {}
         self._samples: dict[str, LoadedSample] = {}
         self._target_costs: dict[tuple[int, int, int], float] = {}
-        # the budget multiplier (CAPOConfig.budget_lr), checkpointed with the Allocator
-        self.budget_lambda = 0.0
         self._loss_visuals: list[dict] | None = None
         self.rollout_engine = rollout_engine
         self.seen_prompts: list[str] = []  # sample ids this process rolled out, in order
@@ -464,16 +462,10 @@ class CAPOTrainer(GRPOTrainer):
             target = torch.tensor([self._target_cost(p.sample) for p in prompts], device=device)
             self._metrics[mode]["alloc/target_cost"].append(float(target.mean()))
         alloc_adv, parts = self._allocation_advantage(acc, cost, target)
-        if self._controls_budget():  # per-frame advantages from here on: (P, M, T)
+        if self._constrains_budget():
             det = self._deterministic_retention(prompts, out, M)
-            per_frame = capo.frame_costs(scales, self.capo_config, saturation).view(P, M, -1)
-            pressure = capo.budget_pressure(per_frame, frame_mask.view(P, M, -1), self.budget_lambda)
-            alloc_adv = alloc_adv.unsqueeze(-1) + pressure
-            self._metrics[mode]["alloc/budget_lambda"].append(self.budget_lambda)
-            self._metrics[mode]["alloc/deterministic_retention"].append(det)
-            self.budget_lambda = capo.dual_update(
-                self.budget_lambda, det, self.args.target_retention, self.capo_config
-            )
+        else:
+            det = torch.full((P,), float("nan"), device=device)
 
         # Per-row tensors: every rollout row carries its allocation; only the first row of an allocation
         # trains the Allocator (each allocation once, reference §3.5).
@@ -497,7 +489,8 @@ class CAPOTrainer(GRPOTrainer):
             "alloc_u": u[row_alloc],
             "alloc_logp": logp[row_alloc],
             "alloc_mask": frame_mask[row_alloc],
-            "alloc_adv": alloc_adv.reshape(P * M, -1).squeeze(-1)[row_alloc],  # (B,) or per frame (B, T)
+            "alloc_adv": alloc_adv.reshape(-1)[row_alloc],
+            "alloc_det_retention": det.repeat_interleave(M * N),
         }
 
         # Metrics, averaged over processes by TRL's logger.
@@ -602,16 +595,16 @@ class CAPOTrainer(GRPOTrainer):
             )
         return self._target_costs[key]
 
-    def _controls_budget(self) -> bool:
+    def _constrains_budget(self) -> bool:
         return (
             self.args.objective == "capo"
-            and self.capo_config.budget_lr > 0
+            and self.capo_config.budget_coef > 0
             and self.args.target_retention is not None
         )
 
-    def _deterministic_retention(self, prompts: list[_Prompt], out, M: int) -> float:
-        """Mean retention of the Beta-mean allocations of this step's prompts (over every process), what the
-        budget multiplier steers: the deterministic Allocator is the one reported."""
+    def _deterministic_retention(self, prompts: list[_Prompt], out, M: int) -> torch.Tensor:
+        """Measured retention (P,) of each prompt's Beta-mean allocation, the value the budget constraint
+        pulls onto the target: the deterministic Allocator is the one reported."""
         means = self.allocator.mean_scales(out).detach().cpu().numpy()
         mask = out.frame_mask.cpu().numpy()
         values = []
@@ -619,11 +612,7 @@ class CAPOTrainer(GRPOTrainer):
             k = i * M  # the M copies of a prompt share its Beta parameters
             scales = self._operator_scales(p.sample, means[k, : int(mask[k].sum())])
             values.append(allocation_retention(scales, *p.sample.size, self.geometry, p.sample.is_image))
-        local = torch.tensor([float(np.mean(values)), 1.0], device=self.accelerator.device)
-        total = (
-            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        )
-        return float(total[0] / total[1])
+        return torch.tensor(values, dtype=torch.float32, device=self.accelerator.device)
 
     def _allocation_advantage(self, acc: torch.Tensor, cost: torch.Tensor, target=None):
         if self.args.objective == "capo":
@@ -724,19 +713,29 @@ class CAPOTrainer(GRPOTrainer):
         ppo, m = capo.ppo_frame_loss(
             logp_new,
             logp_old,
-            adv[:, :T] if adv.ndim == 2 else adv,
+            adv,
             mask,
             a.allocator_clip_low,
             a.allocator_clip_high,
             a.allocator_dual_clip,
         )
         c = self.capo_config
-        conc = capo.concentration_loss(out.alpha_raw, out.beta_raw, mask, c.concentration_cap)  # unclamped
+        conc = capo.concentration_loss(*self.allocator.spread_parameters(out), mask, c.concentration_cap)
         sim = capo.temporal_similarity_loss(
             out.frame_features, out.alpha, out.beta, mask, self.similarity_config
         )
         loss = ppo + c.concentration_coef * conc + c.similarity_coef * sim
         metrics = {"alloc/ppo_loss": ppo.item(), "alloc/sim_loss": sim.item(), "alloc/conc_loss": conc.item()}
+        if self._constrains_budget():
+            budget, r_det = capo.budget_constraint(
+                self.allocator.budget_mean_scales(out),
+                out.frame_mask,
+                inputs["alloc_det_retention"][first],
+                a.target_retention,
+                c.budget_coef,
+            )
+            loss = loss + budget
+            metrics |= {"alloc/budget_loss": budget.item(), "alloc/deterministic_retention": r_det.item()}
         metrics |= {f"alloc/{k}": v.item() for k, v in m.items()}
         return loss, metrics
 
@@ -873,7 +872,6 @@ class CAPOTrainer(GRPOTrainer):
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             self.save_allocator(folder / "allocator")
-            (folder / "allocator" / "budget_lambda.json").write_text(json.dumps(self.budget_lambda))
         super()._save_checkpoint(model, trial)
 
     def save_allocator(self, path: str | Path) -> Path:
@@ -905,5 +903,3 @@ class CAPOTrainer(GRPOTrainer):
         self.allocator_optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
         )
-        if (path / "budget_lambda.json").exists():
-            self.budget_lambda = float(json.loads((path / "budget_lambda.json").read_text()))

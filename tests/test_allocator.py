@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from conftest import SMALL_BACKBONE
 from hypothesis import given, settings
@@ -38,6 +37,7 @@ TRAINABLE_PREFIXES = (
     "layers.",
     "pool.",
     "head.",
+    "budget.",
     "relevance_metric.",
     "relevance_head.",
 )
@@ -72,6 +72,8 @@ def _perturb(model: Allocator, seed: int = 0, std: float = 0.5) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * std)
         # move the Beta head off its constant init, so alpha and beta depend on the inputs
         model.head.out.bias.copy_(torch.randn(2, generator=g))
+        # the budget reads a whole video's mean feature: at std 0.5 it saturates every Beta at beta_max
+        model.budget.weight.mul_(0.02)
 
 
 def test_encode_frames_shapes_and_masks(allocator):
@@ -520,13 +522,13 @@ def test_relevance_metric_starts_at_the_prior_and_is_used(backbone, tmp_path):
     q, qm = _query(alloc, [[40, 41, 42]])
     with torch.no_grad():
         before = alloc(feats.tokens, feats.mask, q, qm)
-        # zero head: alpha is the prior alone, the parameter-free relevance through relevance_init
+        # zero head: the split is the prior alone, the parameter-free relevance through relevance_init,
+        # centred over the frames; the budget logit starts at 0 (mean 1/2 over the video's logits)
         rel = relevance(feats.tokens, feats.mask, q, qm)
-        raw = alloc.relevance_head(rel[..., None])[..., 0] + alloc.head.out.bias[0]
-        expected = (F.softplus(alloc.config.beta_param_scale * raw) + 1.0 + 1e-6).clamp(
-            1.0, alloc.config.beta_max
-        )
-        torch.testing.assert_close(before.alpha, expected)
+        torch.testing.assert_close(before.split, rel - rel.mean(1, keepdim=True))
+        torch.testing.assert_close(before.budget_logit, torch.zeros(1))
+        mean = before.alpha / (before.alpha + before.beta)
+        torch.testing.assert_close(mean, torch.sigmoid(before.split))
         alloc.relevance_metric.weight.copy_(
             torch.randn(eye.shape, generator=torch.Generator().manual_seed(1))
         )
@@ -549,16 +551,14 @@ def test_relevance_metric_starts_at_the_prior_and_is_used(backbone, tmp_path):
 def test_relevance_init_and_init_mean(backbone):
     model, processor = backbone
     allocator = Allocator.from_backbone(model, processor, relevance_init=1.5).eval()
-    torch.testing.assert_close(allocator.relevance_head.weight.flatten(), torch.tensor([1.5, -1.5]))
-    high = Allocator.from_backbone(
-        model, processor, init_mean_scale=1.0, beta_init_logit=3.0, relevance_prior=False
-    )
+    torch.testing.assert_close(allocator.relevance_head.weight.flatten(), torch.tensor([1.5]))
+    high = Allocator.from_backbone(model, processor, init_mean_scale=1.0, relevance_prior=False)
     feats = high.encode_frames([_video(0, 4)])
     q, qm = _query(high, [[20, 21]])
     mean = high.mean_scales(high(feats.tokens, feats.mask, q, qm))
     torch.testing.assert_close(mean, torch.full_like(mean, 1.0), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="init_mean_scale"):
-        AllocatorConfig(init_mean_scale=1.24)
+        AllocatorConfig(init_mean_scale=1.25)
 
 
 def test_hard_budget_sharpen_keeps_the_top_chunk_at_full_resolution():
@@ -584,23 +584,57 @@ def test_clip_to_saturation_keeps_the_frame_the_allocator_asked_for():
     assert clipped[0] <= 1.0 and clipped[2] == 0.5
 
 
-def test_the_concentration_regularizer_sees_unclamped_betas(backbone):
+def test_the_concentration_regularizer_sees_the_free_concentration_unclamped(backbone):
     """At alpha = beta_max the clamped value has no gradient: a saturated frame could never be pulled back.
-    The raw (unclamped) parameters still carry the regularizer's gradient to the head."""
+    The regularizer sees 1 + mu c, 1 + (1 - mu) c instead: unclamped, and blind to the alpha + beta that an
+    extreme mean needs (a low mean is not pulled back to the middle)."""
     from resadapt.capo import concentration_loss
 
     model, processor = backbone
-    alloc = Allocator.from_backbone(model, processor, beta_max=1.5)  # starts at 1 + ln 2: saturated
+    alloc = Allocator.from_backbone(model, processor, beta_max=1.5)  # starts at ~1 + ln 2: saturated
     feats = alloc.encode_frames([_video(0, 4)])
     q, qm = _query(alloc, [[60, 61, 62]])
     out = alloc(feats.tokens, feats.mask, q, qm)
     m = feats.mask
-    assert torch.all(out.alpha[m] == 1.5) and torch.all(out.alpha_raw[m] > 1.5)
-    assert torch.equal(out.alpha_raw[~m], out.alpha[~m])
+    assert torch.all(out.alpha[m] == 1.5)
+    a, b = alloc.spread_parameters(out)
+    torch.testing.assert_close((a + b)[m], 2.0 + out.concentration[m])
     head = alloc.head.out.bias
     (clamped,) = torch.autograd.grad(concentration_loss(out.alpha, out.beta, m), head, retain_graph=True)
-    (raw,) = torch.autograd.grad(concentration_loss(out.alpha_raw, out.beta_raw, m), head)
-    assert torch.all(clamped == 0) and torch.all(raw > 0)
+    (free,) = torch.autograd.grad(concentration_loss(a, b, m), [head, alloc.budget.bias], retain_graph=True)[:1]
+    assert torch.all(clamped == 0) and free[1] > 0  # the concentration output is pushed down
+    (budget,) = torch.autograd.grad(concentration_loss(a, b, m), alloc.budget.bias)
+    assert budget.abs().item() < 1e-6  # the mean is not pulled anywhere
+
+
+def test_budget_logit_moves_the_level_and_the_split_where_it_goes(backbone):
+    """Beta mean = sigmoid(budget + split), the split zero-sum over a video's frames; the budget constraint's
+    scales (`budget_mean_scales`) carry gradient to the budget logit only."""
+    model, processor = backbone
+    alloc = Allocator.from_backbone(model, processor, relevance_init=1.0)
+    _perturb(alloc)
+    feats = alloc.encode_frames([_video(0, 6), _video(1, 4)])
+    q, qm = _query(alloc, [[40, 41, 42], [43, 44, 0]], [[1, 1, 1], [1, 1, 0]])
+    out = alloc(feats.tokens, feats.mask, q, qm)
+    m = out.frame_mask
+    assert torch.allclose(out.split.sum(1), torch.zeros(2), atol=1e-5) and torch.all(out.split[~m] == 0)
+    a, b = alloc.beta_parameters(out.budget_logit, out.split, out.concentration)
+    assert torch.all(a[m] >= 1.0) and torch.all(b[m] >= 1.0)
+    ok = m & (out.alpha == a) & (out.beta == b)  # not clamped at beta_max
+    mu = torch.sigmoid(out.budget_logit[:, None] + out.split)
+    torch.testing.assert_close((out.alpha / (out.alpha + out.beta))[ok], mu[ok], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alloc.budget_mean_scales(out), alloc.mean_scales(out))
+    scales = alloc.budget_mean_scales(out)
+    (g_budget,) = torch.autograd.grad(scales.sum(), out.budget_logit, retain_graph=True)
+    assert torch.all(g_budget > 0)
+    split_grad = torch.autograd.grad(scales.sum(), out.split, allow_unused=True)[0]
+    assert split_grad is None or torch.all(split_grad == 0)
+    with torch.no_grad():
+        alloc.budget.bias += 1.0  # a higher budget raises every frame (up to beta_max) and keeps the split
+        higher = alloc(feats.tokens, feats.mask, q, qm)
+    up, before = alloc.mean_scales(higher), alloc.mean_scales(out).detach()
+    assert torch.all(up[m] >= before[m]) and torch.all(up[ok] > before[ok])
+    torch.testing.assert_close(higher.split, out.split.detach())
 
 
 def test_save_pretrained_writes_a_model_card_and_leaves_weights_and_config_alone(backbone, tmp_path):

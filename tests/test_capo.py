@@ -325,7 +325,7 @@ def test_an_allocation_at_the_target_retention_costs_c_star():
     assert float(proxy_cost(torch.full((16,), s), None, cfg, sat)) == pytest.approx(c_star)
     # the largest scale still at that retention (5 x 5 tokens up to s just below 0.6875): cost 0.5
     assert c_star == pytest.approx(0.5, abs=1e-5)
-    # params.yaml's 0.39 is the top of the 4 x 4-token step, next to the former cost-space default 0.4
+    # 0.39 (the former default) is the top of the 4 x 4-token step, next to the cost-space default 0.4
     assert target_cost_for_retention(0.39, 224, 224, 16, geom, cfg) == pytest.approx(0.4, abs=0.01)
     costs = [target_cost_for_retention(r, 224, 224, 16, geom, cfg) for r in (0.1, 0.15, 0.39, 1.0)]
     assert costs == sorted(costs) and costs[-1] == pytest.approx((sat - 0.125) / 1.125)  # saturated
@@ -335,39 +335,23 @@ def test_an_allocation_at_the_target_retention_costs_c_star():
     assert pivot.tolist() == pytest.approx([0.3, 0.7])
 
 
-def test_budget_multiplier_pressure_and_dual_ascent():
-    from resadapt.capo import budget_pressure, dual_update, frame_costs
+def test_budget_constraint_value_is_measured_gradient_is_the_square_proxy():
+    from resadapt.capo import budget_constraint
 
-    # one prompt, M = 3 allocations of T = 2 frames: frame 0 varies, frame 1 costs the same in all three
-    cost = torch.tensor([[[0.1, 0.4], [0.5, 0.4], [0.9, 0.4]]])
-    mask = torch.ones_like(cost, dtype=torch.bool)
-    p = budget_pressure(cost, mask, 1.5)
-    z = (0.4 / torch.tensor([0.1, 0.5, 0.9]).std(unbiased=False)).item()
-    torch.testing.assert_close(p[0, :, 0], torch.tensor([1.5 * z, 0.0, -1.5 * z]))  # cheaper is favoured
-    assert torch.equal(p[0, :, 1], torch.zeros(3))  # a frame every allocation spends the same on: no signal
-    mask[0, 2, 0] = False  # a masked frame: no term, and not in its frame's statistics
-    p = budget_pressure(cost, mask, 1.0)
-    assert p[0, 2, 0] == 0 and p[0, 0, 0] == pytest.approx(1.0) and p[0, 1, 0] == pytest.approx(-1.0)
+    scales = torch.tensor([[1.0, 0.125, 0.5], [0.5, 0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    measured = torch.tensor([0.4, 0.2])  # what the operator counts (rounding to whole tokens)
+    loss, r_det = budget_constraint(scales, mask, measured, target=0.15, coef=10.0)
+    assert r_det.item() == pytest.approx(0.3)  # the value: measured retention, mean over the batch
+    assert loss.item() == pytest.approx(10.0 * 0.15**2)
+    (g,) = torch.autograd.grad(loss, scales)
+    # d/ds_t of coef (R - R*)^2 through mean_b mean_t s_t^2: 2 coef (R - R*) * 2 s_t / (n_t B)
+    expected = 2 * 10.0 * 0.15 * 2 * scales.detach() / torch.tensor([[3.0], [2.0]]) / 2
+    torch.testing.assert_close(g, torch.where(mask, expected, torch.zeros_like(expected)))
+    assert budget_constraint(scales, mask, torch.tensor([0.15, 0.15]), 0.15, 10.0)[0].item() == 0.0  # on target
+    below = torch.autograd.grad(budget_constraint(scales, mask, torch.tensor([0.05, 0.05]), 0.15, 1.0)[0], scales)
+    assert (below[0][mask] <= 0).all()  # under the budget the gradient step raises the scales
+    with pytest.raises(ValueError, match="measured must be"):
+        budget_constraint(scales, mask, torch.tensor([0.1]), 0.15, 1.0)
     with pytest.raises(ValueError, match="match mask"):
-        budget_pressure(cost, mask[..., 0], 1.0)
-    # the frame costs average to the allocation's proxy cost
-    cfg = CAPOConfig().with_scale_range(0.125, 1.25)
-    scales = torch.tensor([[0.125, 1.0, 1.25, 0.5]])
-    torch.testing.assert_close(frame_costs(scales, cfg, 1.0).mean(-1), proxy_cost(scales, None, cfg, 1.0))
-    cfg = CAPOConfig(budget_lr=2.0, budget_lambda_max=3.0)
-    assert dual_update(0.0, 0.6, 0.4, cfg) == pytest.approx(0.4)  # above the target: lambda grows
-    assert dual_update(0.1, 0.2, 0.4, cfg) == 0.0  # below: it shrinks, never under 0
-    assert dual_update(2.9, 1.0, 0.4, cfg) == 3.0  # capped
-    assert dual_update(1.0, 0.9, 0.4, CAPOConfig()) == 1.0  # budget_lr 0 (the authors' CAPO): never moves
-
-
-def test_ppo_frame_loss_takes_one_advantage_per_frame():
-    logp = torch.zeros(2, 3, requires_grad=True)
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    per_alloc, _ = ppo_frame_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask)
-    per_frame, _ = ppo_frame_loss(logp, logp.detach(), torch.tensor([[1.0] * 3, [-1.0] * 3]), mask)
-    assert per_alloc.item() == per_frame.item()
-    (g,) = torch.autograd.grad(
-        ppo_frame_loss(logp, logp.detach(), torch.tensor([[1.0, 0, -2], [0, 0, 0]]), mask)[0], logp
-    )
-    torch.testing.assert_close(g, torch.tensor([[-1.0, 0, 2], [0, 0, 0]]) / 6)
+        budget_constraint(scales, mask[:, :2], measured, 0.15, 1.0)

@@ -564,6 +564,14 @@ def read_logs(plots_dir: str | Path, seeds) -> dict[int, tuple[pd.DataFrame, pd.
     return out
 
 
+def write_logs(plots_dir: str | Path, logs: dict[int, tuple[pd.DataFrame, pd.DataFrame]]) -> None:
+    """Every seed's training and validation log in one file each (`training.csv`, `validation.csv` under
+    `plots_dir`, a `seed` column), the files dvc.yaml declares as the stage's plots."""
+    for name, i in (("training", 0), ("validation", 1)):
+        table = pd.concat([log[i].assign(seed=s) for s, log in logs.items()])
+        table.to_csv(Path(plots_dir) / f"{name}.csv", index=False)
+
+
 def plot_training_curves(logs: dict[int, tuple[pd.DataFrame, pd.DataFrame]], window: int = 10):
     """Per seed (one colour each): rollout accuracy, mean scale and measured retention per step (rolling
     mean, solid) with the deterministic validation points (circles), and the sampled scale on evidence
