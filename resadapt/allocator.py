@@ -588,7 +588,9 @@ class Allocator(PreTrainedModel):
         elif getattr(module, "_resadapt_beta_out", False):
             init.zeros_(module.weight)
             k = self.config.beta_param_scale
-            init.copy_(module.bias, torch.tensor([0.0, self.config.beta_init_logit / k], dtype=module.bias.dtype))
+            init.copy_(
+                module.bias, torch.tensor([0.0, self.config.beta_init_logit / k], dtype=module.bias.dtype)
+            )
         elif isinstance(module, _DecoderLayer):
             init.constant_(module.cross_gate, self.config.gate_init)
         elif isinstance(module, nn.Linear):
@@ -871,7 +873,10 @@ class Allocator(PreTrainedModel):
             rel = relevance(
                 metric(frame_tokens.to(metric.weight.dtype)).float(), frame_mask, query.float(), query_mask
             )
-            score = score + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype))[..., 0].float()
+            score = (
+                score
+                + self.relevance_head(rel[..., None].to(self.relevance_head.weight.dtype))[..., 0].float()
+            )
         w = frame_mask.to(score.dtype)
         n = w.sum(1, keepdim=True)
         split = (score - (score * w).sum(1, keepdim=True) / n) * w

@@ -223,10 +223,14 @@ def budget_constraint(
     """
     m = torch.as_tensor(mask, dtype=torch.bool)
     if mean_scales.shape != m.shape or mean_scales.ndim != 2:
-        raise ValueError(f"mean_scales {tuple(mean_scales.shape)} must be (B, T) and match mask {tuple(m.shape)}")
+        raise ValueError(
+            f"mean_scales {tuple(mean_scales.shape)} must be (B, T) and match mask {tuple(m.shape)}"
+        )
     measured = _float(measured, "measured").to(mean_scales.dtype)
     if measured.shape != mean_scales.shape[:1]:
-        raise ValueError(f"measured must be (B,) = {tuple(mean_scales.shape[:1])}, got {tuple(measured.shape)}")
+        raise ValueError(
+            f"measured must be (B,) = {tuple(mean_scales.shape[:1])}, got {tuple(measured.shape)}"
+        )
     w = m.to(mean_scales.dtype)
     proxy = (mean_scales**2 * w).sum(-1) / w.sum(-1).clamp(min=1.0)
     r_det = (proxy + (measured - proxy).detach()).mean()

@@ -25,7 +25,6 @@ per-allocation video items, and its weight sync for joint training is an NCCL (C
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field

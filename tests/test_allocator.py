@@ -601,7 +601,9 @@ def test_the_concentration_regularizer_sees_the_free_concentration_unclamped(bac
     torch.testing.assert_close((a + b)[m], 2.0 + out.concentration[m])
     head = alloc.head.out.bias
     (clamped,) = torch.autograd.grad(concentration_loss(out.alpha, out.beta, m), head, retain_graph=True)
-    (free,) = torch.autograd.grad(concentration_loss(a, b, m), [head, alloc.budget.bias], retain_graph=True)[:1]
+    (free,) = torch.autograd.grad(concentration_loss(a, b, m), [head, alloc.budget.bias], retain_graph=True)[
+        :1
+    ]
     assert torch.all(clamped == 0) and free[1] > 0  # the concentration output is pushed down
     (budget,) = torch.autograd.grad(concentration_loss(a, b, m), alloc.budget.bias)
     assert budget.abs().item() < 1e-6  # the mean is not pulled anywhere

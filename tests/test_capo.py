@@ -348,8 +348,12 @@ def test_budget_constraint_value_is_measured_gradient_is_the_square_proxy():
     # d/ds_t of coef (R - R*)^2 through mean_b mean_t s_t^2: 2 coef (R - R*) * 2 s_t / (n_t B)
     expected = 2 * 10.0 * 0.15 * 2 * scales.detach() / torch.tensor([[3.0], [2.0]]) / 2
     torch.testing.assert_close(g, torch.where(mask, expected, torch.zeros_like(expected)))
-    assert budget_constraint(scales, mask, torch.tensor([0.15, 0.15]), 0.15, 10.0)[0].item() == 0.0  # on target
-    below = torch.autograd.grad(budget_constraint(scales, mask, torch.tensor([0.05, 0.05]), 0.15, 1.0)[0], scales)
+    assert (
+        budget_constraint(scales, mask, torch.tensor([0.15, 0.15]), 0.15, 10.0)[0].item() == 0.0
+    )  # on target
+    below = torch.autograd.grad(
+        budget_constraint(scales, mask, torch.tensor([0.05, 0.05]), 0.15, 1.0)[0], scales
+    )
     assert (below[0][mask] <= 0).all()  # under the budget the gradient step raises the scales
     with pytest.raises(ValueError, match="measured must be"):
         budget_constraint(scales, mask, torch.tensor([0.1]), 0.15, 1.0)
