@@ -23,8 +23,8 @@ logit per video plus a zero-sum split over its frames, and a per-frame concentra
 (`Allocator.beta_parameters`), alpha, beta in [1, beta_max]. A budget signal then moves how much a video gets
 without flattening where it goes (with v2's head, a budget constraint shrank every frame alike and the
 deterministic Allocator fell to 0.03-0.07 val accuracy at its target; README, "Choosing hyperparameters").
-The initialisation differs from the reference's too: it zeroes the head's last layer with bias -10/k, an
-exactly uniform policy whose softplus slope (4.5e-5) barely moves. `beta_init_logit` sets the initial free
+The initialisation differs from the reference's too (which zeroes the head's last layer with bias -10/k: an
+exactly uniform policy whose softplus slope, 4.5e-5, barely moves). `beta_init_logit` sets the initial free
 concentration c = 2 softplus(beta_init_logit): 0 (default) starts at alpha = beta = 1 + ln 2 (a broad,
 symmetric Beta); -10 reproduces the reference's Beta(1, 1).
 
@@ -402,7 +402,8 @@ class _TextAwarePool(nn.Module):
 
 
 class _BetaHead(nn.Module):
-    """LN -> Linear -> GELU -> Linear(., 2): raw (p_alpha, p_beta); `out` starts at zero (uniform policy)."""
+    """LN -> Linear -> GELU -> Linear(., 2): per frame a split score and a concentration score; `out` starts
+    at zero weights (the same Beta for every frame until the prior or training moves it)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
