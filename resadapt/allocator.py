@@ -89,6 +89,7 @@ _DEFAULT_NORM = {
 }
 # |logit| of the Beta mean beyond which alpha or beta exceeds e^10 (far past any beta_max clamp)
 _MAX_LOGIT = 10.0
+BUDGET_GRAD_FLOOR = 0.01  # least d(mean)/d(budget logit) the budget constraint sees (`budget_mean_scales`)
 # Same clamp of the latent as capo.beta_log_prob: log-probs stay finite at sampled extremes.
 _U_EPS = 1e-6
 # Frames sent through the frozen vision encoder in one call (bounds memory for long videos).
@@ -931,11 +932,18 @@ class Allocator(PreTrainedModel):
         return 1.0 + mu * output.concentration, 1.0 + (1.0 - mu) * output.concentration
 
     def budget_mean_scales(self, output: AllocatorOutput) -> torch.Tensor:
-        """Deterministic scales (B, T) with only the budget logit differentiable: what a budget constraint
-        trains, so that it moves how much each video gets and leaves where it goes to CAPO."""
-        a, b = self.beta_parameters(output.budget_logit, output.split.detach(), output.concentration.detach())
-        a, b = a.clamp(1.0, self.config.beta_max), b.clamp(1.0, self.config.beta_max)
-        return torch.where(output.frame_mask, self.scales_from_latent(a / (a + b)), torch.zeros_like(a))
+        """Scales (B, T) of the unclamped Beta means sigmoid(budget + split), only the budget logit
+        differentiable: what a budget constraint trains, so that it moves how much each video gets and
+        leaves where it goes to CAPO.
+
+        Unclamped, unlike `mean_scales`, and with a gradient floor: dmu/dx is sigmoid'(x) + BUDGET_GRAD_FLOOR
+        (straight-through, the value stays sigmoid(x)). Through the clamped mean, or through sigmoid' alone,
+        the gradient vanishes once a video's frames all sit near s_min, and a collapsed policy was never
+        pulled back (measured on val: retention 0.016, gradient norm 3e-6).
+        """
+        x = output.budget_logit[:, None] + output.split.detach()
+        mu = torch.sigmoid(x) + BUDGET_GRAD_FLOOR * (x - x.detach())
+        return torch.where(output.frame_mask, self.scales_from_latent(mu), torch.zeros_like(mu))
 
     def scales_from_latent(self, u: torch.Tensor) -> torch.Tensor:
         """s = s_min + u (s_max - s_min)."""

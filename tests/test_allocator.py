@@ -625,7 +625,7 @@ def test_budget_logit_moves_the_level_and_the_split_where_it_goes(backbone):
     ok = m & (out.alpha == a) & (out.beta == b)  # not clamped at beta_max
     mu = torch.sigmoid(out.budget_logit[:, None] + out.split)
     torch.testing.assert_close((out.alpha / (out.alpha + out.beta))[ok], mu[ok], atol=1e-5, rtol=0)
-    torch.testing.assert_close(alloc.budget_mean_scales(out), alloc.mean_scales(out))
+    torch.testing.assert_close(alloc.budget_mean_scales(out)[ok], alloc.mean_scales(out)[ok])
     scales = alloc.budget_mean_scales(out)
     (g_budget,) = torch.autograd.grad(scales.sum(), out.budget_logit, retain_graph=True)
     assert torch.all(g_budget > 0)
@@ -637,6 +637,37 @@ def test_budget_logit_moves_the_level_and_the_split_where_it_goes(backbone):
     up, before = alloc.mean_scales(higher), alloc.mean_scales(out).detach()
     assert torch.all(up[m] >= before[m]) and torch.all(up[ok] > before[ok])
     torch.testing.assert_close(higher.split, out.split.detach())
+
+
+def test_budget_constraint_pulls_a_collapsed_video_back(backbone):
+    """Every frame at beta_max (or past the logit clamp): the deterministic allocation all but stops moving,
+    yet the constraint's gradient on the budget logit keeps its floor and raises the budget."""
+    from resadapt.allocator import BUDGET_GRAD_FLOOR
+    from resadapt.capo import budget_constraint
+
+    model, processor = backbone
+    alloc = Allocator.from_backbone(model, processor)
+    feats = alloc.encode_frames([_video(0, 6), _video(1, 4)])
+    q, qm = _query(alloc, [[40, 41, 42], [43, 44, 0]], [[1, 1, 1], [1, 1, 0]])
+    for shift in (-6.0, -14.0):
+        with torch.no_grad():
+            alloc.budget.bias.fill_(shift)
+        out = alloc(feats.tokens, feats.mask, q, qm)
+        m = out.frame_mask
+        assert torch.all(out.beta[m] == alloc.config.beta_max)
+        (frozen,) = torch.autograd.grad(
+            alloc.mean_scales(out)[m].mean(), alloc.budget.bias, retain_graph=True
+        )
+        assert abs(frozen.item()) < 1e-3 * (alloc.config.s_max - alloc.config.s_min)
+        measured, target, coef = 0.02, 0.15, 30.0
+        loss, _ = budget_constraint(
+            alloc.budget_mean_scales(out), m, torch.full((2,), measured), target, coef
+        )
+        (grad,) = torch.autograd.grad(loss, alloc.budget.bias)
+        # d loss / d bias <= 2 coef (R - R*) * 2 s_min (s_max - s_min) * floor: descent raises the budget
+        s = alloc.config
+        floor = 2 * coef * (measured - target) * 2 * s.s_min * (s.s_max - s.s_min) * BUDGET_GRAD_FLOOR
+        assert grad.item() <= 0.99 * floor < 0
 
 
 def test_save_pretrained_writes_a_model_card_and_leaves_weights_and_config_alone(backbone, tmp_path):

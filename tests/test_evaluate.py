@@ -92,6 +92,55 @@ def test_oracle_keeps_as_many_evidence_chunks_at_full_resolution_as_fit():
         assert r.retention <= budget + 1e-9
 
 
+def test_oracle_alternatives_keep_the_timeline_or_select_chunks_within_the_budget():
+    sample = _video(n=16)
+    oracle = build_method("oracle", MethodContext(GEOM, s_min=0.125))
+    timeline, *selected = oracle.alternatives(sample, 0.1)
+    assert timeline.frames is None and 0.125 < timeline.scales[4] == timeline.scales[5] < 1.0
+    assert np.all(np.delete(timeline.scales, [4, 5]) == 0.125)
+    long = _video(n=64, evidence=(20, 21, 22, 23))
+    *_, chosen = oracle.alternatives(long, 0.125)  # 4 of 32 chunks: both evidence chunks and two more
+    assert {20, 21, 22, 23} <= set(chosen.frames) and len(chosen.frames) == 8 and np.all(chosen.scales == 1.0)
+    for s, budget in ((sample, 0.1), (sample, 0.15), (long, 0.125), (long, 0.25)):
+        for plan in oracle.alternatives(s, budget):
+            assert realise(s, plan, GEOM).retention <= budget + 1e-9
+    assert (
+        oracle.alternatives(_image(), 0.1) == []
+        and build_method("fixed_scale", MethodContext(GEOM)).alternatives(sample, 0.1) == []
+    )
+
+
+class _TimelineReader:
+    """A backend that answers right only when it sees every chunk of the video (the timeline)."""
+
+    name = "timeline_reader"
+    calls = 0
+
+    def generate(self, visuals, questions):
+        from resadapt.backbone import Generation
+
+        self.calls += len(visuals)
+        out = []
+        for v in visuals:
+            tokens = sum(-(-len(c) // 2) * (c.shape[1] // 28) * (c.shape[2] // 28) for c in v.chunks)
+            out.append(Generation("7" if len(v.chunks) == 8 else "0", tokens, tokens + 10, 0.01))
+        return out
+
+
+def test_the_evaluator_keeps_the_oracles_best_plan_per_sample():
+    backend = _TimelineReader()
+    ev = E.Evaluator(None, None, MethodContext(GEOM, s_min=0.125), backend=backend)
+    samples = [_video("a"), _video("b", evidence=(9,))]
+    [a, b] = ev.run_cell(E.Cell("main", "detail_qa", 16, "oracle", 0.1), samples, {})
+    # the plan drops the timeline (wrong); the first alternative keeps it (right); the second is not tried
+    assert (a["score"], a["plan"], b["score"], b["plan"]) == (1.0, 1, 1.0, 1) and backend.calls == 4
+    assert a["retention"] <= 0.1 and a["frame_scales"][4] > 0.125
+    [roomy] = ev.run_cell(E.Cell("main", "detail_qa", 16, "oracle", 0.25), samples[:1], {})
+    assert (roomy["score"], roomy["plan"]) == (1.0, 0) and backend.calls == 5
+    [fixed] = ev.run_cell(E.Cell("main", "detail_qa", 16, "fixed_scale", 0.1), samples[:1], {})
+    assert fixed["plan"] == 0 and backend.calls == 6
+
+
 def test_random_chunk_drop_depends_on_seed_and_sample_only():
     a = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))
     b = build_method("random_chunk_drop", MethodContext(GEOM, seed=0))

@@ -56,6 +56,11 @@ class Method(ABC):
     @abstractmethod
     def plan(self, sample: LoadedSample, budget: float | None) -> Plan: ...
 
+    def alternatives(self, sample: LoadedSample, budget: float | None) -> list[Plan]:
+        """Further plans the evaluator tries, in order, on a sample the first plan did not answer perfectly,
+        keeping the best scored. Only a method that may look at the answer has any: the Oracle."""
+        return []
+
     def check_budget(self, budget: float | None) -> None:
         if self.budgeted and budget is None:
             raise ValueError(f"method {self.name!r} is budgeted: give a target retention")
