@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from resadapt.backbone import TimedGeneration, TransformersBackend
 from resadapt.baselines import METHODS, Method, MethodContext, build_method
+from resadapt.baselines.base import same_plan
 from resadapt.budget import Plan, realise
 from resadapt.data.sample import LoadedSample
 from resadapt.rewards import score
@@ -125,7 +125,9 @@ class Evaluator:
             redo = [
                 i
                 for i, alts in enumerate(extra)
-                if k < len(alts) and rows[i]["score"] < 1.0 and not any(_same(alts[k], p) for p in tried[i])
+                if k < len(alts)
+                and rows[i]["score"] < 1.0
+                and not any(same_plan(alts[k], p) for p in tried[i])
             ]
             again = self._rows(
                 cell, method, [samples[i] for i in redo], [extra[i][k] for i in redo], decode_seconds
@@ -193,10 +195,6 @@ class Evaluator:
                 }
             )
         return rows
-
-
-def _same(a: Plan, b: Plan) -> bool:
-    return a.frames == b.frames and np.array_equal(a.scales, b.scales)
 
 
 def grid_cells(

@@ -71,6 +71,35 @@ GOOD = {
 GAP = {"gap": 0.5, "evidence_scale": 1.0, "other_scale": 0.5}
 
 
+def test_the_train_reports_oracle_retries_what_it_got_wrong_with_its_alternatives():
+    """The same upper bound as the evaluator's: the Oracle's plan drops the timeline at 0.10 (wrong for a
+    reader that needs every chunk), its first alternative keeps it (right), at the same retention."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from resadapt.budget import VisionGeometry
+    from resadapt.data.sample import LoadedSample
+    from resadapt.stages.train import compare_allocations
+
+    row = {"id": "v", "task": "detail_qa", "question": "q", "answer": "7", "options": [], "answer_span": []}
+    frames = np.random.default_rng(0).integers(0, 255, (16, 224, 224, 3), dtype=np.uint8)
+    sample = LoadedSample(
+        row | {"media_type": "video"}, frames, list(range(16)), 2.0, np.isin(range(16), [4, 5])
+    )
+    trainer = SimpleNamespace(
+        geometry=VisionGeometry(max_pixels=224 * 224, min_pixels=28 * 28),
+        allocator=SimpleNamespace(config=SimpleNamespace(s_min=0.125)),
+        args=SimpleNamespace(seed=0),
+        allocator_tokenizer=None,
+        sample=lambda r: sample,
+        greedy_scores=lambda items: [float(len(i["visual"].chunks) == 8) for i in items],
+    )
+    table = compare_allocations(trainer, [row], 0.10, rows=("oracle", "full")).set_index("method")
+    assert table.loc["oracle", "score"] == 1.0 and table.loc["oracle", "retention"] <= 0.10
+    assert table.loc["full", "score"] == 1.0
+
+
 def test_train_metrics_checks_follow_the_issue_bars():
     m = train_metrics(_table(GOOD), GAP, 0.15, target_retention=0.39)
     assert all(m["checks"]["resadapt"].values()) and all(m["checks"]["resadapt_hard"].values())

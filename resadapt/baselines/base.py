@@ -91,6 +91,11 @@ def sample_rng(context: MethodContext, sample: LoadedSample, salt: str) -> np.ra
     return np.random.default_rng([context.seed, zlib.crc32(f"{salt}:{sample.row['id']}".encode())])
 
 
+def same_plan(a: Plan, b: Plan) -> bool:
+    """The same frames at the same scales (an alternative equal to a plan already tried is not re-run)."""
+    return a.frames == b.frames and np.array_equal(a.scales, b.scales)
+
+
 def keep_chunks(
     sample: LoadedSample, chunks: list[int], budget: float, geom: VisionGeometry, top: float = 1.0
 ) -> Plan:
