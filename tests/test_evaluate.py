@@ -348,6 +348,23 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
     assert any("vanilla@8 50.0% (+50% relative, holds at the CI low end)" in line for line in lines)
 
 
+def test_the_deterministic_row_gets_its_bars_wherever_it_landed(tmp_path):
+    log = E.ResultsLog(tmp_path / "s.jsonl")
+    log.write(_log_rows())
+    df = E.read_results(log.path)
+    own = df[(df.method == "resadapt_hard") & (df.budget == 0.1)].assign(
+        method="resadapt", budget=None, retention=0.18
+    )
+    rows = SE.frontier_checks(pd.concat([df, own], ignore_index=True))["rows"]
+    # above the hard-budget rows' 0.15 window, compared at the largest grid R below its retention
+    assert rows["resadapt@own"]["compared_at_R"] == "0.1" and rows["resadapt@own"]["retention"] == 0.18
+    assert set(rows["resadapt@own"]["bars"]) == {
+        "ge_vanilla_minus_2_points",
+        "ge_fixed_scale_plus_15_points",
+        "ge_90pct_of_oracle",
+    }
+
+
 def test_a_method_above_the_oracle_beyond_its_interval_is_flagged(tmp_path):
     rows = _log_rows()
     for i in range(4, 8):  # fixed_scale: every sample right, the Oracle's 4 also right: tie, no flag
