@@ -25,7 +25,7 @@ import pandas as pd
 
 from resadapt.backbone import TimedGeneration, TransformersBackend
 from resadapt.baselines import METHODS, Method, MethodContext, build_method
-from resadapt.baselines.base import same_plan
+from resadapt.baselines.base import best_of_alternatives
 from resadapt.budget import Plan, realise
 from resadapt.data.sample import LoadedSample
 from resadapt.rewards import score
@@ -118,25 +118,16 @@ class Evaluator:
         if not samples:
             return []
         plans = method.plan_batch(samples, cell.budget)
-        rows = self._rows(cell, method, samples, plans, decode_seconds)
-        tried = [[p] for p in plans]
-        extra = [method.alternatives(s, cell.budget) for s in samples]
-        for k in range(max(map(len, extra), default=0)):
-            redo = [
-                i
-                for i, alts in enumerate(extra)
-                if k < len(alts)
-                and rows[i]["score"] < 1.0
-                and not any(same_plan(alts[k], p) for p in tried[i])
-            ]
-            again = self._rows(
-                cell, method, [samples[i] for i in redo], [extra[i][k] for i in redo], decode_seconds
-            )
-            for i, row in zip(redo, again, strict=True):
-                tried[i].append(extra[i][k])
-                if row["score"] > rows[i]["score"]:
-                    rows[i] = row | {"plan": k + 1}
-        return rows
+        rows, which = best_of_alternatives(
+            method,
+            samples,
+            cell.budget,
+            plans,
+            self._rows(cell, method, samples, plans, decode_seconds),
+            lambda idx, alts: self._rows(cell, method, [samples[i] for i in idx], alts, decode_seconds),
+            lambda row: row["score"],
+        )
+        return [row | {"plan": k} for row, k in zip(rows, which, strict=True)]
 
     def _rows(
         self,
@@ -191,7 +182,6 @@ class Evaluator:
                     "decode_seconds": decode_seconds.get(str(row["id"]), 0.0),
                     "seconds": timings,
                     "end_to_end_seconds": sum(timings.values()),
-                    "plan": 0,  # which of the method's plans (`Method.alternatives`) this row scored
                 }
             )
         return rows

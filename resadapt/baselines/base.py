@@ -96,6 +96,30 @@ def same_plan(a: Plan, b: Plan) -> bool:
     return a.frames == b.frames and np.array_equal(a.scales, b.scales)
 
 
+def best_of_alternatives(method, samples, budget, plans, results, run, score_of):
+    """Per sample, the best of `results` (from `plans`) and the method's `alternatives`, each tried in order
+    on the samples whose best score is still below 1 and not for a plan already tried.
+
+    `run(indices, plans)` returns one result per index, `score_of(result)` its score. Returns (results,
+    which plan each came from: 0 the first, k the k-th alternative)."""
+    best, which = list(results), [0] * len(results)
+    tried = [[p] for p in plans]
+    extra = [method.alternatives(s, budget) for s in samples]
+    for k in range(max(map(len, extra), default=0)):
+        redo = [
+            i
+            for i, alts in enumerate(extra)
+            if k < len(alts) and score_of(best[i]) < 1.0 and not any(same_plan(alts[k], p) for p in tried[i])
+        ]
+        if not redo:
+            continue
+        for i, result in zip(redo, run(redo, [extra[i][k] for i in redo]), strict=True):
+            tried[i].append(extra[i][k])
+            if score_of(result) > score_of(best[i]):
+                best[i], which[i] = result, k + 1
+    return best, which
+
+
 def keep_chunks(
     sample: LoadedSample, chunks: list[int], budget: float, geom: VisionGeometry, top: float = 1.0
 ) -> Plan:

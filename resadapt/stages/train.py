@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from resadapt.allocator import Allocator, build_allocator, query_tokenizer
 from resadapt.backbone import load_backbone
 from resadapt.baselines import MethodContext, build_method
-from resadapt.baselines.base import same_plan
+from resadapt.baselines.base import best_of_alternatives
 from resadapt.budget import realise
 from resadapt.config import Params, RLParams
 from resadapt.data.embedded import split_rows
@@ -365,26 +365,24 @@ def compare_allocations(
     scores = trainer.greedy_scores(items)
     table = pd.DataFrame([m | {"score": sc} for m, sc in zip(meta, scores, strict=True)])
     for label in rows:  # the Oracle retries what it got wrong with its alternatives, as the evaluator does
-        method = build_method(REPORT_ROWS[label][0], context)
         at = np.flatnonzero(table.method.to_numpy() == label)
-        extra = [method.alternatives(s, budgets[label]) for s in samples]
-        for k in range(max(map(len, extra), default=0)):
-            redo = [
-                i
-                for i, alts in enumerate(extra)
-                if k < len(alts)
-                and table.score.iat[at[i]] < 1.0
-                and not any(same_plan(alts[k], p) for p in [plans[label][i], *alts[:k]])
-            ]
-            if not redo:
-                continue
-            again = [realise(samples[i], extra[i][k], trainer.geometry) for i in redo]
-            better = trainer.greedy_scores(
-                [{"row": samples[i].row, "visual": r.visual} for i, r in zip(redo, again, strict=True)]
-            )
-            for i, r, sc in zip(redo, again, better, strict=True):
-                if sc > table.score.iat[at[i]]:
-                    table.iloc[at[i], table.columns.get_indexer(["retention", "score"])] = [r.retention, sc]
+
+        def run(idx, alts):
+            again = [realise(samples[i], p, trainer.geometry) for i, p in zip(idx, alts, strict=True)]
+            items = [{"row": samples[i].row, "visual": r.visual} for i, r in zip(idx, again, strict=True)]
+            return list(zip([r.retention for r in again], trainer.greedy_scores(items), strict=True))
+
+        first = list(zip(table.retention.to_numpy()[at], table.score.to_numpy()[at], strict=True))
+        best, _ = best_of_alternatives(
+            build_method(REPORT_ROWS[label][0], context),
+            samples,
+            budgets[label],
+            plans[label],
+            first,
+            run,
+            lambda result: result[1],
+        )
+        table.loc[table.index[at], ["retention", "score"]] = np.array(best, dtype=float)
     return table
 
 
