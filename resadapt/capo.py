@@ -210,17 +210,25 @@ def capo_advantage(
 
 
 def budget_constraint(
-    mean_scales: torch.Tensor, mask: torch.Tensor, measured: torch.Tensor, target: float, coef: float
+    mean_scales: torch.Tensor,
+    mask: torch.Tensor,
+    measured: torch.Tensor,
+    target: float,
+    coef: float,
+    scope: str = "batch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rho * (R_det - R*)^2: the deterministic allocations' retention pulled onto the target.
 
     `mean_scales` (B, T) are the Beta-mean scales (differentiable), `measured` (B,) the retention the budget
     operator measures for them (token arithmetic, rounding included). The value is the measured one, the
     gradient that of the smooth proxy mean_t s_t^2 (tokens grow with the square of the scale), a
-    straight-through estimate: the rounding to whole 28-px tokens has no gradient. The mean over the batch
-    is constrained (the paper's budget is an average), so one question may spend more than another.
-    Returns (loss, R_det).
+    straight-through estimate: the rounding to whole 28-px tokens has no gradient. `scope` "batch"
+    constrains the batch mean (the paper's budget is an average), so one question may spend what another
+    saves; "prompt" averages (R_det,i - R*)^2 over the prompts, so each lands on the budget by itself.
+    Returns (loss, mean R_det).
     """
+    if scope not in ("batch", "prompt"):
+        raise ValueError(f"budget_constraint: scope must be 'batch' or 'prompt', got {scope!r}")
     m = torch.as_tensor(mask, dtype=torch.bool)
     if mean_scales.shape != m.shape or mean_scales.ndim != 2:
         raise ValueError(
@@ -233,8 +241,10 @@ def budget_constraint(
         )
     w = m.to(mean_scales.dtype)
     proxy = (mean_scales**2 * w).sum(-1) / w.sum(-1).clamp(min=1.0)
-    r_det = (proxy + (measured - proxy).detach()).mean()
-    return float(coef) * (r_det - float(target)) ** 2, r_det.detach()
+    r_det = proxy + (measured - proxy).detach()
+    if scope == "batch":
+        return float(coef) * (r_det.mean() - float(target)) ** 2, r_det.mean().detach()
+    return float(coef) * ((r_det - float(target)) ** 2).mean(), r_det.mean().detach()
 
 
 def no_cost_advantage(acc: torch.Tensor) -> torch.Tensor:

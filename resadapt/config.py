@@ -261,6 +261,9 @@ class CAPOConfig(_Section):
     # ours (0: the authors' CAPO): weight rho of the budget constraint rho * (R_det - R*)^2 on the retention
     # R_det of the deterministic (Beta-mean) allocations of each step's prompts (capo.budget_constraint)
     budget_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    # what the constraint pulls onto R*: the batch's mean retention ("batch", one question may spend what
+    # another saves) or each prompt's ("prompt": every task family lands on the budget by itself)
+    budget_scope: Literal["batch", "prompt"] = "batch"
     concentration_coef: Annotated[float, Field(ge=0.0)] = 5e-4
     concentration_cap: Annotated[float, Field(gt=2.0)] | None = None  # alpha, beta >= 1: a cap must exceed 2
     similarity_coef: Annotated[float, Field(ge=0.0)] = 1e-3

@@ -732,6 +732,7 @@ class CAPOTrainer(GRPOTrainer):
                 inputs["alloc_det_retention"][first],
                 a.target_retention,
                 c.budget_coef,
+                c.budget_scope,
             )
             loss = loss + budget
             metrics |= {"alloc/budget_loss": budget.item(), "alloc/deterministic_retention": r_det.item()}
@@ -826,13 +827,18 @@ class CAPOTrainer(GRPOTrainer):
         }
         if ev and other:
             metrics[f"{metric_key_prefix}_evidence_gap"] = float(np.mean(ev) - np.mean(other))
-        if self.args.eval_generate:
-            metrics[f"{metric_key_prefix}_accuracy"] = self._greedy_accuracy(allocs)
+        tasks = [a["row"]["task"] for a in allocs]
+        scores = self.greedy_scores(allocs) if self.args.eval_generate else None
+        if scores is not None:
+            metrics[f"{metric_key_prefix}_accuracy"] = float(np.mean(scores))
+        if len(set(tasks)) > 1:  # per task too: one family may spend what another saves
+            for task in sorted(set(tasks)):
+                at = [i for i, t in enumerate(tasks) if t == task]
+                metrics[f"{metric_key_prefix}_{task}_retention"] = float(np.mean([allocs[i]["retention"] for i in at]))
+                if scores is not None:
+                    metrics[f"{metric_key_prefix}_{task}_accuracy"] = float(np.mean([scores[i] for i in at]))
         self.log(metrics)
         return metrics
-
-    def _greedy_accuracy(self, allocs: list[dict]) -> float:
-        return float(np.mean(self.greedy_scores(allocs)))
 
     @torch.no_grad()
     def greedy_scores(self, allocs: list[dict], batch_size: int = 16) -> list[float]:

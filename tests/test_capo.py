@@ -359,3 +359,20 @@ def test_budget_constraint_value_is_measured_gradient_is_the_square_proxy():
         budget_constraint(scales, mask, torch.tensor([0.1]), 0.15, 1.0)
     with pytest.raises(ValueError, match="match mask"):
         budget_constraint(scales, mask[:, :2], measured, 0.15, 1.0)
+
+
+def test_budget_constraint_per_prompt_pulls_each_prompt_onto_the_target():
+    """Batch scope lets one prompt's overspend cancel another's underspend; prompt scope does not."""
+    from resadapt.capo import budget_constraint
+
+    scales = torch.tensor([[1.0, 0.5], [0.25, 0.25]], requires_grad=True)
+    mask = torch.ones_like(scales, dtype=torch.bool)
+    measured = torch.tensor([0.25, 0.05])  # mean 0.15: on target as a batch
+    batch, r_batch = budget_constraint(scales, mask, measured, 0.15, 10.0, "batch")
+    prompt, r_prompt = budget_constraint(scales, mask, measured, 0.15, 10.0, "prompt")
+    assert batch.item() == pytest.approx(0.0) and r_batch.item() == pytest.approx(0.15)
+    assert prompt.item() == pytest.approx(10.0 * 0.1**2) and r_prompt.item() == pytest.approx(0.15)
+    (g,) = torch.autograd.grad(prompt, scales)
+    assert (g[0] > 0).all() and (g[1] < 0).all()  # a descent step lowers the first, raises the second
+    with pytest.raises(ValueError, match="scope must be"):
+        budget_constraint(scales, mask, measured, 0.15, 10.0, "video")

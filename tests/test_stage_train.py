@@ -284,11 +284,28 @@ def test_sweep_writes_a_val_table_per_setting_and_seed(tmp_path, tiny_bench, tin
     from resadapt.stages.sweep import parse_assignment, run_sweep, summary
 
     base = tmp_path / "params.yaml"
-    base.write_text(yaml.safe_dump(tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1)))
+    tasks = ["detail_qa", "multi_frame"]
+    base.write_text(yaml.safe_dump(tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1, tasks=tasks)))
     grid = [parse_assignment("train.learning_rate=1e-3,1e-2")]
     table = run_sweep(base, grid, tmp_path / "sweep")
     assert len(table) == 4 and sorted(set(table.seed)) == [0, 1]
     assert table["val_retention"].between(0, 1).all() and table["val_accuracy"].between(0, 1).all()
+    for task in tasks:  # per-task columns: every family's own accuracy and retention
+        assert table[f"val_{task}_accuracy"].between(0, 1).all()
+        assert table[f"val_{task}_retention"].between(0, 1).all()
     assert (table.steps == 2).all()
     assert pd.read_csv(tmp_path / "sweep" / "val_table.csv").shape == table.shape
     assert list(summary(table, ["train.learning_rate"]).index) == [0.001, 0.01]
+
+
+def test_even_task_mix_gives_every_task_the_same_share():
+    from resadapt.stages.train import even_task_mix
+
+    rows = [{"id": f"d{i}", "task": "detail_qa", "question": "q"} for i in range(8)]
+    rows += [{"id": f"l{i}", "task": "long_video", "question": "q"} for i in range(2)]
+    mix = even_task_mix(rows)
+    tasks = mix["task"]
+    assert tasks.count("detail_qa") == tasks.count("long_video") == 8  # the small task repeated
+    assert set(mix["id"]) == {r["id"] for r in rows}  # nothing dropped
+    assert mix["prompt"] == ["q"] * 16
+    assert len(even_task_mix(rows[:8])) == 8  # one task: the rows as they are

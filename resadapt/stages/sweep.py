@@ -89,6 +89,11 @@ def sweep_seed(params: Params, model, processor) -> dict:
     evals = [h for h in trainer.state.log_history if "eval_retention" in h]
     last = evals[-1] if evals else trainer.evaluate()
     row = {new: last.get(old, float("nan")) for old, new in VAL_COLUMNS.items()}
+    row |= {  # per task, when the run trains several (the trainer logs eval_<task>_accuracy / _retention)
+        "val_" + k.removeprefix("eval_"): v
+        for k, v in last.items()
+        if k.startswith("eval_") and k.endswith(("_accuracy", "_retention")) and k not in VAL_COLUMNS
+    }
     return row | {"steps": int(trainer.state.global_step), "seconds": round(time.time() - t0, 1)}
 
 
@@ -111,7 +116,7 @@ def run_sweep(
 
 def summary(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean and sd over seeds of each validation column, per setting."""
-    cols = [c for c in VAL_COLUMNS.values() if c in table]
+    cols = [c for c in table.columns if c.startswith("val_")]
     return table.groupby(keys, dropna=False)[cols].agg(["mean", "std"]).round(3)
 
 

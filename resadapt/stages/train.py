@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from datasets import Dataset
+from datasets import Dataset, interleave_datasets
 from safetensors.torch import load_file
 from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
@@ -135,13 +135,26 @@ def make_trainer(
         model=model,
         allocator=allocator or build_allocator(params, model),
         args=args,
-        train_dataset=Dataset.from_list([r | {"prompt": r["question"]} for r in train_rows]),
+        train_dataset=even_task_mix(train_rows),
         eval_dataset=Dataset.from_list([r | {"prompt": r["question"]} for r in val_rows]),
         processing_class=processor,
         media_root=params.data.root,
         allocator_tokenizer=query_tokenizer(params.allocator, processor),
         rollout_engine=rollout_engine,
     )
+
+
+def even_task_mix(rows: list[dict]) -> Dataset:
+    """The train rows with every task equally often: the tasks interleaved round-robin, the smaller ones
+    repeated until the largest is exhausted (the split holds 1600 detail-QA rows but 200 long videos).
+    The trainer's sampler shuffles it, so each prompt is any task with equal probability."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r | {"prompt": r["question"]})
+    parts = [Dataset.from_list(part) for part in by_task.values()]
+    if len(parts) == 1:
+        return parts[0]
+    return interleave_datasets(parts, stopping_strategy="all_exhausted")
 
 
 @contextlib.contextmanager
