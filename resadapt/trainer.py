@@ -834,7 +834,9 @@ class CAPOTrainer(GRPOTrainer):
         if len(set(tasks)) > 1:  # per task too: one family may spend what another saves
             for task in sorted(set(tasks)):
                 at = [i for i, t in enumerate(tasks) if t == task]
-                metrics[f"{metric_key_prefix}_{task}_retention"] = float(np.mean([allocs[i]["retention"] for i in at]))
+                metrics[f"{metric_key_prefix}_{task}_retention"] = float(
+                    np.mean([allocs[i]["retention"] for i in at])
+                )
                 if scores is not None:
                     metrics[f"{metric_key_prefix}_{task}_accuracy"] = float(np.mean([scores[i] for i in at]))
         self.log(metrics)

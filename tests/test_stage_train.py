@@ -285,7 +285,9 @@ def test_sweep_writes_a_val_table_per_setting_and_seed(tmp_path, tiny_bench, tin
 
     base = tmp_path / "params.yaml"
     tasks = ["detail_qa", "multi_frame"]
-    base.write_text(yaml.safe_dump(tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1, tasks=tasks)))
+    base.write_text(
+        yaml.safe_dump(tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, workers=1, tasks=tasks))
+    )
     grid = [parse_assignment("train.learning_rate=1e-3,1e-2")]
     table = run_sweep(base, grid, tmp_path / "sweep")
     assert len(table) == 4 and sorted(set(table.seed)) == [0, 1]
