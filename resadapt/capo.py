@@ -216,6 +216,7 @@ def budget_constraint(
     target: float,
     coef: float,
     scope: str = "batch",
+    batch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rho * (R_det - R*)^2: the deterministic allocations' retention pulled onto the target.
 
@@ -225,7 +226,13 @@ def budget_constraint(
     straight-through estimate: the rounding to whole 28-px tokens has no gradient. `scope` "batch"
     constrains the batch mean (the paper's budget is an average), so one question may spend what another
     saves; "prompt" averages (R_det,i - R*)^2 over the prompts, so each lands on the budget by itself.
-    Returns (loss, mean R_det).
+
+    Under several processes, `batch` is the measured R_det of the whole step's batch (gathered over the
+    processes, these prompts included, each process holding as many): the "batch" mean is then the global
+    one, its gradient flowing through this process's prompts only and scaled by the number of processes,
+    so that gradients averaged over the processes equal the single-process gradient of the global batch.
+    ("prompt" needs no gather: its mean over equal shards averages to the global one.)
+    Returns (loss, mean R_det of the batch).
     """
     if scope not in ("batch", "prompt"):
         raise ValueError(f"budget_constraint: scope must be 'batch' or 'prompt', got {scope!r}")
@@ -242,9 +249,19 @@ def budget_constraint(
     w = m.to(mean_scales.dtype)
     proxy = (mean_scales**2 * w).sum(-1) / w.sum(-1).clamp(min=1.0)
     r_det = proxy + (measured - proxy).detach()
-    if scope == "batch":
+    if scope == "prompt":
+        return float(coef) * ((r_det - float(target)) ** 2).mean(), r_det.mean().detach()
+    if batch is None:
         return float(coef) * (r_det.mean() - float(target)) ** 2, r_det.mean().detach()
-    return float(coef) * ((r_det - float(target)) ** 2).mean(), r_det.mean().detach()
+    batch = _float(batch, "batch").to(mean_scales.dtype).reshape(-1)
+    if batch.numel() % measured.numel():
+        raise ValueError(
+            f"batch holds {batch.numel()} values: not a whole number of shards of {measured.numel()} prompts"
+        )
+    processes = batch.numel() // measured.numel()
+    total = r_det.sum() + (batch.sum() - measured.sum())  # value: the global sum; gradient: local prompts
+    mean = total / batch.numel()
+    return processes * float(coef) * (mean - float(target)) ** 2, mean.detach()
 
 
 def no_cost_advantage(acc: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,7 @@ class CalibrationParams(_Section):
     scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.25, 0.35, 0.5, 0.75]
     max_samples_per_task: PositiveInt = 150
     tasks: list[Task] = list(TASKS)
+    workers: PositiveInt = 2  # processes sharing the conditions (one thread each; 1: in the stage's process)
 
 
 class GenerationParams(_Section):
@@ -330,11 +331,20 @@ class TrainParams(RLParams):
     checkpoints: str = "checkpoints/train"  # resumable run state (not a DVC output: it must survive a kill)
     operating_retention: Budget = 0.15  # hard-budget operating point reported next to the deterministic one
     test_samples: PositiveInt = 150
+    # which checkpoint a seed keeps: its last, or the most accurate on val whose val retention is within
+    # checkpoint_tolerance of target_retention (else the closest); see stages.train.select_checkpoint
+    checkpoint_selection: Literal["last", "val"] = "last"
+    checkpoint_tolerance: Annotated[float, Field(ge=0.0)] = 0.03
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> TrainParams:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"train.seeds must be distinct, got {self.seeds}")
+        if self.checkpoint_selection == "val" and self.eval_steps % self.save_steps:
+            raise ValueError(
+                f"train.checkpoint_selection 'val' keeps a validated checkpoint: train.eval_steps "
+                f"({self.eval_steps}) must be a multiple of train.save_steps ({self.save_steps})"
+            )
         return self
 
 

@@ -726,13 +726,15 @@ class CAPOTrainer(GRPOTrainer):
         loss = ppo + c.concentration_coef * conc + c.similarity_coef * sim
         metrics = {"alloc/ppo_loss": ppo.item(), "alloc/sim_loss": sim.item(), "alloc/conc_loss": conc.item()}
         if self._constrains_budget():
+            det = inputs["alloc_det_retention"][first]
             budget, r_det = capo.budget_constraint(
                 self.allocator.budget_mean_scales(out),
                 out.frame_mask,
-                inputs["alloc_det_retention"][first],
+                det,
                 a.target_retention,
                 c.budget_coef,
                 c.budget_scope,
+                batch=self.accelerator.gather(det) if self.accelerator.num_processes > 1 else None,
             )
             loss = loss + budget
             metrics |= {"alloc/budget_loss": budget.item(), "alloc/deterministic_retention": r_det.item()}
@@ -889,6 +891,12 @@ class CAPOTrainer(GRPOTrainer):
         torch.save(self.allocator_optimizer.state_dict(), path / "optimizer.pt")
         return path
 
+    def load_checkpoint(self, checkpoint: str | Path) -> None:
+        """The Allocator and its optimizer (with joint training, the backbone weights too) as `checkpoint`
+        holds them: how a finished run is reloaded, and how the train stage keeps an earlier checkpoint."""
+        self._load_from_checkpoint(str(checkpoint))
+        self._load_allocator(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.args.joint_training:
             return  # a frozen backbone is the stage input, identical in every checkpoint
@@ -899,8 +907,10 @@ class CAPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
+        if checkpoint is not None:
+            self._load_allocator(checkpoint)
+
+    def _load_allocator(self, checkpoint: str | Path) -> None:
         path = Path(checkpoint) / "allocator"
         weights = path / "model.safetensors"
         if not weights.exists():

@@ -376,3 +376,32 @@ def test_budget_constraint_per_prompt_pulls_each_prompt_onto_the_target():
     assert (g[0] > 0).all() and (g[1] < 0).all()  # a descent step lowers the first, raises the second
     with pytest.raises(ValueError, match="scope must be"):
         budget_constraint(scales, mask, measured, 0.15, 10.0, "video")
+
+
+@pytest.mark.parametrize("scope", ["batch", "prompt"])
+def test_budget_constraint_over_processes_averages_to_the_global_gradient(scope):
+    """Two processes, each with half the batch (and, for "batch", the gathered retention of all of it):
+    their gradients averaged (the trainer's all-reduce) equal one process's gradient on the whole batch,
+    and both report the global mean. Without the gather, "batch" would pull each half onto the target."""
+    from resadapt.capo import budget_constraint
+
+    torch.manual_seed(0)
+    scales = torch.rand(4, 3).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    measured = torch.tensor([0.30, 0.10, 0.12, 0.06])  # halves at 0.20 and 0.09: global mean 0.145
+    whole, r_whole = budget_constraint(scales, mask, measured, 0.15, 10.0, scope)
+    (g_whole,) = torch.autograd.grad(whole, scales)
+    grads, means = [], []
+    for half in (slice(0, 2), slice(2, 4)):
+        gathered = measured if scope == "batch" else None
+        loss, r = budget_constraint(scales[half], mask[half], measured[half], 0.15, 10.0, scope, gathered)
+        grads.append(torch.autograd.grad(loss, scales)[0])
+        means.append(r.item())
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, g_whole)
+    if scope == "batch":
+        assert means == pytest.approx([r_whole.item()] * 2)
+        local = budget_constraint(scales[:2], mask[:2], measured[:2], 0.15, 10.0, scope)[0]
+        assert (torch.autograd.grad(local, scales)[0][:2][mask[:2]] > 0).all()  # 0.20 alone: pushed down
+        assert (grads[0][:2][mask[:2]] < 0).all()  # globally 0.145, under target: pushed up
+    with pytest.raises(ValueError, match="whole number of shards"):
+        budget_constraint(scales[:3], mask[:3], measured[:3], 0.15, 10.0, "batch", measured)

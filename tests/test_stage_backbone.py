@@ -1,4 +1,4 @@
-"""Stage helpers: calibration metrics and the backbone stage's output rules (no training here)."""
+"""Stage helpers: calibration metrics, the calibration's processes and the backbone stage's output rules (no training here)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,23 @@ def test_path_profile_requires_an_existing_checkpoint(tmp_path):
     file.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="backbone.checkpoint"):
         load_params(file)
+
+
+def test_calibration_log_does_not_depend_on_the_number_of_processes(tmp_path, tiny_bench, tiny_backbone_dir):
+    from conftest import tiny_params
+
+    from resadapt.backbone import load_backbone
+    from resadapt.stages.backbone import calibrate_backbone
+
+    data = tiny_params(tmp_path, tiny_bench, tiny_backbone_dir)
+    data["backbone"]["calibration"].update(max_samples_per_task=2, tasks=["detail_qa", "multi_frame"])
+    model, processor = load_backbone(tiny_backbone_dir)
+    logs = {}
+    for workers in (1, 2):
+        data["backbone"]["calibration"]["workers"] = workers
+        per_sample, table = calibrate_backbone(parse_params(data), model, processor)
+        logs[workers] = per_sample.drop(columns="seconds")
+    conditions = calibration_conditions(parse_params(data))
+    assert list(logs[1].condition.unique()) == conditions
+    assert len(logs[1]) == len(conditions) * logs[1].id.nunique() > len(conditions)
+    pd.testing.assert_frame_equal(logs[1], logs[2])

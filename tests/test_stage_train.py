@@ -244,6 +244,7 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
         per_seed = over_seeds(train_seed, p, plots_dir=tmp_path / run / "plots")
         assert sorted(per_seed) == [0, 1]
         for s in (0, 1):
+            assert per_seed[s]["kept_step"] == per_seed[s]["train_steps"] == 2  # the one validated checkpoint
             weights[run, s] = load_file(str(p.allocator.seed_path(s) / "model.safetensors"))
             assert (tmp_path / run / "plots" / "seeds" / f"seed_{s}" / "allocations.png").exists()
         summary = seed_summary(per_seed)
@@ -311,3 +312,45 @@ def test_even_task_mix_gives_every_task_the_same_share():
     assert set(mix["id"]) == {r["id"] for r in rows}  # nothing dropped
     assert mix["prompt"] == ["q"] * 16
     assert len(even_task_mix(rows[:8])) == 8  # one task: the rows as they are
+
+
+def test_select_checkpoint_keeps_the_most_accurate_val_point_within_the_tolerance(
+    tmp_path, tiny_bench, tiny_backbone_dir, tiny_backbone
+):
+    """Three validated checkpoints: the kept one is the most accurate within the tolerance of the target,
+    not the most accurate overall nor the last; with none within, the closest; its weights are loaded."""
+    from safetensors.torch import load_file
+
+    from resadapt.stages.train import run, select_checkpoint
+
+    model, processor = tiny_backbone
+    p = parse_params(
+        tiny_params(
+            tmp_path, tiny_bench, tiny_backbone_dir, seeds=[0], max_steps=3, eval_steps=1, save_steps=1
+        )
+    )
+    trainer = run(p, p.train, model, processor, tmp_path / "runs")
+    val = {1: (0.14, 0.5), 2: (0.20, 0.9), 3: (0.17, 0.4)}  # step: (val retention, val accuracy)
+    for h in trainer.state.log_history:
+        if "eval_retention" in h:
+            h["eval_retention"], h["eval_accuracy"] = val[h["step"]]
+    run_dir = Path(trainer.args.output_dir)
+
+    def weights(step):
+        return load_file(str(run_dir / f"checkpoint-{step}" / "allocator" / "model.safetensors"))
+
+    assert not all(torch.equal(v, weights(3)[k]) for k, v in weights(1).items())  # the steps differ
+    assert select_checkpoint(trainer, 0.15, 0.03) == 1
+    for k, v in trainer.allocator.state_dict().items():
+        assert torch.equal(v, weights(1)[k]), f"{k} is not checkpoint-1's"
+    assert select_checkpoint(trainer, 0.15, 0.03) == 1  # loading again is harmless
+    assert select_checkpoint(trainer, 0.30, 0.03) == 2  # none within: the closest (0.20)
+    assert select_checkpoint(trainer, 0.18, 0.05) == 2  # all within: the most accurate
+    for k, v in trainer.allocator.state_dict().items():
+        assert torch.equal(v, weights(2)[k])
+
+
+def test_val_checkpoint_selection_needs_a_checkpoint_at_every_validation(tmp_path):
+    with pytest.raises(ValueError, match="eval_steps .* multiple of train.save_steps"):
+        _params(tmp_path, checkpoint_selection="val", eval_steps=15, save_steps=10)
+    assert _params(tmp_path, checkpoint_selection="last", eval_steps=15, save_steps=10).train.eval_steps == 15

@@ -19,8 +19,8 @@ from resadapt.backbone import (
     save_backbone,
     write_pointer,
 )
-from resadapt.budget import VisionGeometry, resize_video
-from resadapt.calibration import calibrate, chance_levels, summarise
+from resadapt.budget import VisionGeometry, realise, resize_video
+from resadapt.calibration import calibrate, chance_levels, condition_scales, summarise
 from resadapt.config import Params
 from resadapt.data.embedded import load_benchmark
 from resadapt.data.sample import load_sample
@@ -98,18 +98,58 @@ def calibration_samples(params: Params, split: str = "test"):
 
 
 def calibrate_backbone(params: Params, model, processor, split: str = "test"):
-    """Per-sample calibration log and its summary table (accuracy and measured retention per condition)."""
+    """Per-sample calibration log and its summary table (accuracy and measured retention per condition).
+
+    The conditions are shared among `backbone.calibration.workers` spawned processes (one thread each, each
+    loading the backbone from `backbone.path`), balanced by the visual tokens they feed. A condition is
+    generated in the same batches whichever process runs it, so the log does not depend on the workers."""
+    samples = calibration_samples(params, split)
+    geom = VisionGeometry.from_processor(processor)
+    conditions = calibration_conditions(params)
+    workers = min(params.backbone.calibration.workers, len(conditions))
+    if workers <= 1:
+        per_sample = _calibrate(params, model, processor, samples, conditions)
+    else:
+        import multiprocessing as mp
+
+        shares = _share_conditions(conditions, samples, geom, params.budget.s_min, workers)
+        with mp.get_context("spawn").Pool(workers) as pool:
+            logs = pool.map(_calibration_job, [(params, split, share) for share in shares])
+        by_condition = {c: log[log.condition == c] for log in logs for c in log.condition.unique()}
+        per_sample = pd.concat([by_condition[c] for c in conditions], ignore_index=True)
+    return per_sample, summarise(per_sample, chance_levels(samples))
+
+
+def _calibrate(params: Params, model, processor, samples, conditions: list[str]) -> pd.DataFrame:
     gen = params.backbone.generation
     backend = TransformersBackend(model, processor, gen.max_new_tokens, gen.batch_size)
-    samples = calibration_samples(params, split)
-    per_sample = calibrate(
-        backend,
-        samples,
-        calibration_conditions(params),
-        VisionGeometry.from_processor(processor),
-        params.budget.s_min,
-    )
-    return per_sample, summarise(per_sample, chance_levels(samples))
+    geom = VisionGeometry.from_processor(processor)
+    return calibrate(backend, samples, conditions, geom, params.budget.s_min)
+
+
+def _calibration_job(job: tuple[Params, str, list[str]]) -> pd.DataFrame:
+    import torch
+
+    params, split, conditions = job
+    torch.set_num_threads(1)
+    model, processor = load_backbone(params.backbone.path)
+    return _calibrate(params, model, processor, calibration_samples(params, split), conditions)
+
+
+def _share_conditions(conditions, samples, geom, s_min: float, workers: int) -> list[list[str]]:
+    """Conditions dealt to `workers`, the dearest first to the least loaded (cost: visual tokens fed)."""
+    tp = geom.temporal_patch_size
+    cost = {
+        c: sum(realise(s, condition_scales(c, s, s_min, tp), geom).tokens for s in samples)
+        for c in conditions
+    }
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for c in sorted(conditions, key=lambda c: -cost[c]):
+        k = int(np.argmin(load))
+        shares[k].append(c)
+        load[k] += cost[c]
+    return [sh for sh in shares if sh]
 
 
 def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail_qa") -> dict:

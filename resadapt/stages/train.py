@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset, interleave_datasets
-from safetensors.torch import load_file
 from transformers import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -203,7 +202,7 @@ def run(
         # The Trainer would take one more step when resumed at max_steps: load the finished run instead.
         print(f"loading the finished run from {last}", flush=True)
         trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
-        trainer.allocator.load_state_dict(load_file(str(Path(last) / "allocator" / "model.safetensors")))
+        trainer.load_checkpoint(last)
         return trainer
     if last:
         print(f"resuming from {last}", flush=True)
@@ -259,6 +258,10 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     t0 = time.time()
     trainer = run(params, rl, model, processor, rl.checkpoints)
     seconds = time.time() - t0
+    trained_steps = int(trainer.state.global_step)
+    kept = trained_steps
+    if rl.checkpoint_selection == "val":
+        kept = select_checkpoint(trainer, rl.target_retention, rl.checkpoint_tolerance)
     trainer.save_allocator(params.allocator.seed_path(params.seed))
     train_log, val_log = log_frames(trainer)
     train_log.to_csv(out / "training.csv", index=False)
@@ -273,7 +276,8 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
         table, evidence_gap(trainer, gap_rows), rl.operating_retention, rl.target_retention
     )
     metrics["evidence_at_operating_point"] = evidence_gap(trainer, gap_rows, rl.operating_retention)
-    metrics["train_steps"] = int(trainer.state.global_step)
+    metrics["train_steps"] = trained_steps
+    metrics["kept_step"] = kept
     metrics["train_seconds_this_session"] = round(seconds, 1)
     metrics["evaluation_seconds"] = round(time.time() - t0, 1)
     import matplotlib
@@ -281,6 +285,40 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     matplotlib.use("Agg")  # a worker process draws to a file; the report shows it
     plot_allocations(trainer, test_rows, n=4).savefig(out / "allocations.png", dpi=90)
     return metrics
+
+
+def select_checkpoint(trainer: CAPOTrainer, target: float, tolerance: float) -> int:
+    """Load into `trainer` the checkpoint a seed keeps and return its step: of the validated checkpoints
+    whose val retention (the deterministic Allocator's, over every val task) is within `tolerance` of
+    `target`, the most accurate on val (the later on a tie); if none is, the one closest to the target.
+
+    Why: the deterministic retention moves in whole-token steps and hops between them late in a run
+    (seed 2 of one run: 0.146 at steps 90 and 105, 0.203 at step 150), so the last step is not the run's
+    best answer to the budget. Only the val split decides; the test split is read after."""
+    run_dir = Path(trainer.args.output_dir)
+    saved = {
+        int(p.name.rsplit("-", 1)[1]): p
+        for p in run_dir.glob("checkpoint-*")
+        if (p / "allocator" / "model.safetensors").exists()
+    }
+    points = [
+        (h["step"], h["eval_retention"], h.get("eval_accuracy", float("nan")))
+        for h in trainer.state.log_history
+        if "eval_retention" in h and h["step"] in saved
+    ]
+    if not points:
+        raise ValueError(
+            f"train.checkpoint_selection 'val': no checkpoint under {run_dir} has a validation point "
+            "(train.eval_steps must be a multiple of train.save_steps)"
+        )
+    within = [p for p in points if abs(p[1] - target) <= tolerance]
+    if within:
+        step = max(within, key=lambda p: (np.nan_to_num(p[2], nan=-1.0), p[0]))[0]
+    else:
+        step = min(points, key=lambda p: (abs(p[1] - target), -p[0]))[0]
+    if step != trainer.state.global_step:
+        trainer.load_checkpoint(saved[step])
+    return int(step)
 
 
 def log_frames(trainer: CAPOTrainer) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -548,17 +586,19 @@ def seed_summary(per_seed: dict[int, dict]) -> dict:
 
 
 def seed_table(summary: dict) -> pd.DataFrame:
-    """Detail-QA accuracy and retention per report row: one column pair per seed, then mean and sd."""
+    """Detail-QA accuracy and retention per report row: one column pair per seed, then mean and sd; the
+    evidence gap and the step of the kept checkpoint as the last rows."""
     cols = {}
     for s, m in summary["seeds"].items():
         for k in ("accuracy", "retention"):
             cols[(f"seed {s}", k)] = {r: v[k] for r, v in m["methods"].items()}
         cols[(f"seed {s}", "accuracy")]["evidence_gap"] = m["evidence"]["gap"]
+        cols[(f"seed {s}", "accuracy")]["kept_step"] = m.get("kept_step", m.get("train_steps"))
     for name in ("mean", "sd"):
         for k in ("accuracy", "retention"):
             cols[(name, k)] = {r: v[k] for r, v in summary[name]["methods"].items()}
         cols[(name, "accuracy")]["evidence_gap"] = summary[name]["evidence"]["gap"]
-    order = [r for r in REPORT_ROWS if r in summary["mean"]["methods"]] + ["evidence_gap"]
+    order = [r for r in REPORT_ROWS if r in summary["mean"]["methods"]] + ["evidence_gap", "kept_step"]
     return pd.DataFrame(cols).reindex(order).round(3)
 
 
@@ -609,10 +649,12 @@ def write_logs(plots_dir: str | Path, logs: dict[int, tuple[pd.DataFrame, pd.Dat
         table.to_csv(Path(plots_dir) / f"{name}.csv", index=False)
 
 
-def plot_training_curves(logs: dict[int, tuple[pd.DataFrame, pd.DataFrame]], window: int = 10):
+def plot_training_curves(
+    logs: dict[int, tuple[pd.DataFrame, pd.DataFrame]], window: int = 10, kept: dict[int, int] | None = None
+):
     """Per seed (one colour each): rollout accuracy, mean scale and measured retention per step (rolling
-    mean, solid) with the deterministic validation points (circles), and the sampled scale on evidence
-    (solid) vs other frames (dashed)."""
+    mean, solid) with the deterministic validation points (circles; the kept checkpoint's, `kept`
+    {seed: step}, ringed), and the sampled scale on evidence (solid) vs other frames (dashed)."""
     import matplotlib.pyplot as plt
 
     panels = [
@@ -633,12 +675,14 @@ def plot_training_curves(logs: dict[int, tuple[pd.DataFrame, pd.DataFrame]], win
                 )
             if len(val) and vcol in val:
                 ax.plot(val.step, val[vcol], "o", color=colour, ms=3)
+                at = val[val.step == (kept or {}).get(seed)]
+                ax.plot(at.step, at[vcol], "o", mfc="none", mec=colour, ms=9)
             ax.set(title=title, xlabel="step")
         for col, ls in (("alloc/evidence_scale", "-"), ("alloc/other_scale", "--")):
             if col in train:
                 axes[-1].plot(train.step, train[col].rolling(window, min_periods=1).mean(), ls, color=colour)
     axes[-1].set(title="sampled scale: evidence (solid) vs other (dashed)", xlabel="step")
-    axes[0].legend(fontsize=7, title="rolling mean; o validation", title_fontsize=7)
+    axes[0].legend(fontsize=7, title="rolling mean; o validation (ringed: kept)", title_fontsize=7)
     fig.tight_layout()
     return fig
 
