@@ -331,7 +331,7 @@ class TrainParams(RLParams):
     checkpoints: str = "checkpoints/train"  # resumable run state (not a DVC output: it must survive a kill)
     operating_retention: Budget = 0.15  # hard-budget operating point reported next to the deterministic one
     test_samples: PositiveInt = 150
-    # which checkpoint a seed keeps: its last, or the most accurate on val whose val retention is within
+    # which checkpoint a seed keeps: its last, or the latest whose val retention is within
     # checkpoint_tolerance of target_retention (else the closest); see stages.train.select_checkpoint
     checkpoint_selection: Literal["last", "val"] = "last"
     checkpoint_tolerance: Annotated[float, Field(ge=0.0)] = 0.03
