@@ -189,6 +189,30 @@ def test_ablation_checks():
     assert ablation_checks({"capo": finals["capo"]}, val, 0.39) == {"complete": False}
 
 
+def test_no_cost_drift_needs_a_real_rise():
+    """A run saturated from its first point rises by float noise only: not a drift."""
+    val, finals = _ablation_val(), _finals()
+    val.loc[val.objective == "no_cost", "eval_mean_scale"] = [1.0022313, 1.0022314]
+    finals["no_cost"]["final_val_mean_scale"] = 1.0022314
+    assert not ablation_checks(finals, val, target_retention=0.39)["no_cost_drifts_up"]
+
+
+def test_ablation_runs_start_from_the_untrained_allocator(
+    tmp_path, tiny_bench, tiny_backbone_dir, tiny_backbone
+):
+    from resadapt.stages.ablation import ablation_seed
+
+    data = tiny_params(tmp_path, tiny_bench, tiny_backbone_dir, seeds=[0])
+    data["ablation"].update(objectives=["no_cost", "capo"], max_steps=2, eval_steps=2, test_samples=2)
+    data["ablation"]["checkpoints"] = str(tmp_path / "ablation")
+    model, processor = tiny_backbone
+    val, finals = ablation_seed(parse_params(data), model, processor)
+    assert set(finals) == {"no_cost", "capo"}
+    assert val.groupby("objective").step.apply(list).to_dict() == {"no_cost": [0, 2], "capo": [0, 2]}
+    start = val[val.step == 0].drop(columns="objective")
+    assert len(start.drop_duplicates()) == 1  # both objectives start from the same Allocator
+
+
 def test_ablation_checks_over_seeds_name_the_failing_seeds():
     val = pd.concat([_ablation_val(0), _ablation_val(1)], ignore_index=True)
     bad = _finals()
