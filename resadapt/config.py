@@ -191,6 +191,9 @@ class BackboneParams(_Section):
 
 Objective = Literal["capo", "no_cost", "lagrangian"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+# the Allocator's learning rate over max_steps (transformers' schedules of these names, no warmup)
+Schedule = Literal["constant", "linear", "cosine"]
+ALLOCATOR_SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 class AllocatorParams(_Section):
@@ -294,6 +297,7 @@ class RLParams(_Section):
     learning_rate: Annotated[float, Field(gt=0.0)] = 3e-3  # the Allocator's
     relevance_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-2  # its two relevance-prior weights
     relevance_metric_learning_rate: Annotated[float, Field(gt=0.0)] = 3e-4  # the prior's bilinear form
+    lr_scheduler: Schedule = "constant"  # all three learning rates, decayed over max_steps or not
     objective: Objective = "capo"
     lagrangian_lambda: Annotated[float, Field(ge=0.0)] = 1.0
     # CAPO's budget in the unit of every table (token retention); c* is derived per prompt from it

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from transformers import get_scheduler
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
@@ -48,7 +49,7 @@ from resadapt.budget import (
     realise,
     token_saturation_scale,
 )
-from resadapt.config import OBJECTIVES, CAPOConfig
+from resadapt.config import ALLOCATOR_SCHEDULES, OBJECTIVES, CAPOConfig
 from resadapt.data.sample import LoadedSample, load_sample
 from resadapt.rewards import score
 from resadapt.vllm_backend import Sampling
@@ -93,6 +94,12 @@ class CAPOTrainerConfig(GRPOConfig):
         default=None, metadata={"help": "lr of the relevance prior's bilinear form (None: allocator lr)"}
     )
     allocator_weight_decay: float = 0.0
+    allocator_lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": f"the Allocator's learning-rate schedule over max_steps: one of {ALLOCATOR_SCHEDULES}"
+        },
+    )
     allocator_max_grad_norm: float = 1.0
     allocator_clip_low: float = 0.2
     allocator_clip_high: float = 0.28
@@ -117,6 +124,16 @@ class CAPOTrainerConfig(GRPOConfig):
         if self.allocations_per_prompt < 2:
             raise ValueError(
                 "CAPOTrainerConfig.allocations_per_prompt must be >= 2 (CAPO compares allocations)"
+            )
+        if self.allocator_lr_scheduler_type not in ALLOCATOR_SCHEDULES:
+            raise ValueError(
+                f"CAPOTrainerConfig.allocator_lr_scheduler_type must be one of {ALLOCATOR_SCHEDULES}, "
+                f"got {self.allocator_lr_scheduler_type!r}"
+            )
+        if self.allocator_lr_scheduler_type != "constant" and self.max_steps <= 0:
+            raise ValueError(
+                f"CAPOTrainerConfig.allocator_lr_scheduler_type {self.allocator_lr_scheduler_type!r} decays over "
+                "max_steps: set max_steps"
             )
         if self.objective not in OBJECTIVES:
             raise ValueError(
@@ -282,6 +299,13 @@ class CAPOTrainer(GRPOTrainer):
                 groups.append({"params": params, "lr": lr or args.allocator_learning_rate})
         self.allocator_optimizer = torch.optim.AdamW(
             groups, lr=args.allocator_learning_rate, weight_decay=args.allocator_weight_decay
+        )
+        # its own schedule: the Trainer's lr_scheduler_type drives the backbone's optimizer only
+        self.allocator_scheduler = get_scheduler(
+            args.allocator_lr_scheduler_type,
+            self.allocator_optimizer,
+            num_warmup_steps=0,
+            num_training_steps=max(args.max_steps, 1),
         )
         self.media_root = Path(media_root)
         self.geometry = VisionGeometry.from_processor(processing_class)
@@ -770,8 +794,10 @@ class CAPOTrainer(GRPOTrainer):
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.allocator_max_grad_norm)
         self._metrics["train"]["alloc/grad_norm"].append(float(norm))
+        self._metrics["train"]["alloc/lr"].append(self.allocator_scheduler.get_last_lr()[0])
         self.allocator_optimizer.step()
         self.allocator_optimizer.zero_grad(set_to_none=True)
+        self.allocator_scheduler.step()
 
     # ------------------------------------------------------------------------------------------------------
     # Validation: the deterministic Allocator on the eval rows (logged, so it lands in the checkpoints' state).
@@ -889,6 +915,7 @@ class CAPOTrainer(GRPOTrainer):
         self.allocator.save_pretrained(path, safe_serialization=True)
         self.allocator_tokenizer.save_pretrained(path)
         torch.save(self.allocator_optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(self.allocator_scheduler.state_dict(), path / "scheduler.pt")
         return path
 
     def load_checkpoint(self, checkpoint: str | Path) -> None:
@@ -920,3 +947,4 @@ class CAPOTrainer(GRPOTrainer):
         self.allocator_optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
         )
+        self.allocator_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

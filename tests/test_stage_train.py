@@ -254,10 +254,10 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
 ):
     """The train stage's seeds, two spawned processes: each seed's Allocator is saved in its own folder,
     differs from the other seed's, and a second run from scratch gives the same bytes; the report has every
-    row, the prior-only ones included."""
+    row, the prior-only ones included, and the seed-independent rows once over the seeds' shares."""
     from safetensors.torch import load_file
 
-    from resadapt.stages.train import over_seeds, seed_summary, train_seed
+    from resadapt.stages.train import SHARED_ROWS, seed_summary, train_seeds
 
     def params(run: str):
         return parse_params(tiny_params(tmp_path / run, tiny_bench, tiny_backbone_dir))
@@ -265,12 +265,16 @@ def test_train_seeds_in_parallel_processes_are_bit_identical_when_rerun(
     weights = {}
     for run in ("a", "b"):
         p = params(run)
-        per_seed = over_seeds(train_seed, p, plots_dir=tmp_path / run / "plots")
+        per_seed = train_seeds(p, plots_dir=tmp_path / run / "plots")
         assert sorted(per_seed) == [0, 1]
         for s in (0, 1):
             assert per_seed[s]["kept_step"] == per_seed[s]["train_steps"] == 2  # the one validated checkpoint
             weights[run, s] = load_file(str(p.allocator.seed_path(s) / "model.safetensors"))
             assert (tmp_path / run / "plots" / "seeds" / f"seed_{s}" / "allocations.png").exists()
+        for r in SHARED_ROWS:  # scored once, one test row by each seed, the same in both reports
+            assert (
+                per_seed[0]["methods"][r] == per_seed[1]["methods"][r] and per_seed[1]["methods"][r]["n"] == 2
+            )
         summary = seed_summary(per_seed)
         assert {"prior_only", "prior_only_own", "oracle_own", "resadapt"} <= set(summary["mean"]["methods"])
     head = next(k for k in weights["a", 0] if "head" in k or "out" in k)

@@ -109,6 +109,11 @@ def test_config_derives_groups_and_rejects_bad_values(tmp_path):
         ("objective", dict(objective="cheap", per_device_train_batch_size=16)),
         ("concentration_cap", dict(capo={"concentration_cap": 2.0}, per_device_train_batch_size=16)),
         ("allocations_per_prompt", dict(allocations_per_prompt=1, per_device_train_batch_size=2)),
+        (
+            "allocator_lr_scheduler_type",
+            dict(allocator_lr_scheduler_type="step", per_device_train_batch_size=16),
+        ),
+        ("max_steps", dict(allocator_lr_scheduler_type="linear", per_device_train_batch_size=16)),
     ]
     for match, kw in bad:
         with pytest.raises(ValueError, match=match):
@@ -310,6 +315,8 @@ def test_killed_run_resumes_to_the_same_result(bench, tmp_path, budget_coef):
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
     if budget_coef:
         kw |= dict(capo=CAPOConfig(budget_coef=budget_coef), target_retention=0.1)
+    else:  # a decaying schedule: the resumed run must pick up its step, not restart it
+        kw |= dict(allocator_lr_scheduler_type="linear")
     full = _trainer(bench, tmp_path / "full", **kw)
     full.train()
     dets = [h["alloc/deterministic_retention"] for h in full.state.log_history if "alloc/budget_loss" in h]
@@ -336,6 +343,12 @@ def test_killed_run_resumes_to_the_same_result(bench, tmp_path, budget_coef):
         full.allocator.state_dict().items(), resumed.allocator.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=f"allocator weight {k} differs after resume")
+    lrs = [h["alloc/lr"] for h in full.state.log_history if "alloc/lr" in h]
+    expected = [1e-3, 7.5e-4, 5e-4, 2.5e-4] if not budget_coef else [1e-3] * 4
+    assert lrs == pytest.approx(expected)
+    assert [h["alloc/lr"] for h in resumed.state.log_history if "alloc/lr" in h][-2:] == pytest.approx(
+        expected[2:]
+    )
     last_full = [h for h in full.state.log_history if "alloc/mean_scale" in h][-1]
     last_resumed = [h for h in resumed.state.log_history if "alloc/mean_scale" in h][-1]
     assert last_full["alloc/mean_scale"] == pytest.approx(last_resumed["alloc/mean_scale"])

@@ -93,6 +93,7 @@ def trainer_config(
         allocator_learning_rate=rl.learning_rate,
         allocator_relevance_learning_rate=rl.relevance_learning_rate,
         allocator_relevance_metric_learning_rate=rl.relevance_metric_learning_rate,
+        allocator_lr_scheduler_type=rl.lr_scheduler,
         joint_training=rl.joint_training,
         learning_rate=rl.backbone_learning_rate,
         beta=0.0,
@@ -248,10 +249,17 @@ def over_seeds(fn: Callable, params: Params, workers: int | None = None, **kwarg
         return dict(pool.imap_unordered(_seed_job, jobs))
 
 
+def train_seeds(params: Params, plots_dir: str | Path) -> dict[int, dict]:
+    """The train stage: one Allocator per `train.seeds` (parallel processes, `over_seeds`), then each seed's
+    test-split report, {seed: `train_metrics` plus the gap at the operating point, steps and seconds}."""
+    return seed_reports(over_seeds(train_seed, params, plots_dir=plots_dir), plots_dir)
+
+
 def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     """One seed of the train stage: train (or resume), save the Allocator to `allocator.seed_path`, write
-    its training logs and allocation figure under `plots_dir/seeds/seed_<k>/`, and return its test-split report
-    (`train_metrics` plus the gap at the operating point, steps and seconds)."""
+    its training logs and allocation figure under `plots_dir/seeds/seed_<k>/`, and score its test rows:
+    every report row over the test split, except the `SHARED_ROWS`, which this seed scores on its share of
+    the test rows only (`seed_reports` joins the shares)."""
     rl = params.train
     out = Path(plots_dir) / "seeds" / f"seed_{params.seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -269,22 +277,44 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     t0 = time.time()
     test_rows = split_rows(params.data.root, "test", ["detail_qa"], rl.test_samples)
     prior = build_allocator(params, model)  # the same seed's untrained Allocator: its relevance prior
-    table = compare_allocations(trainer, test_rows, rl.operating_retention, prior_allocator=prior)
-    table.to_csv(out / "test_scores.csv", index=False)
+    own_rows = tuple(r for r in REPORT_ROWS if r not in SHARED_ROWS)
+    index, count = list(rl.seeds).index(params.seed), len(rl.seeds)
+    tables = [compare_allocations(trainer, test_rows, rl.operating_retention, own_rows, prior)]
+    if share := test_rows[index::count]:
+        tables.append(compare_allocations(trainer, share, rl.operating_retention, SHARED_ROWS))
+    table = pd.concat(tables, ignore_index=True)
     gap_rows = split_rows(params.data.root, "test", rl.tasks, rl.test_samples)
-    metrics = train_metrics(
-        table, evidence_gap(trainer, gap_rows), rl.operating_retention, rl.target_retention
-    )
-    metrics["evidence_at_operating_point"] = evidence_gap(trainer, gap_rows, rl.operating_retention)
-    metrics["train_steps"] = trained_steps
-    metrics["kept_step"] = kept
-    metrics["train_seconds_this_session"] = round(seconds, 1)
-    metrics["evaluation_seconds"] = round(time.time() - t0, 1)
+    report = {
+        "table": table,
+        "gap": evidence_gap(trainer, gap_rows),
+        "evidence_at_operating_point": evidence_gap(trainer, gap_rows, rl.operating_retention),
+        "operating_retention": rl.operating_retention,
+        "target_retention": rl.target_retention,
+        "train_steps": trained_steps,
+        "kept_step": kept,
+        "train_seconds_this_session": round(seconds, 1),
+        "evaluation_seconds": round(time.time() - t0, 1),
+    }
     import matplotlib
 
     matplotlib.use("Agg")  # a worker process draws to a file; the report shows it
     plot_allocations(trainer, test_rows, n=4).savefig(out / "allocations.png", dpi=90)
-    return metrics
+    return report
+
+
+def seed_reports(scored: dict[int, dict], plots_dir: str | Path) -> dict[int, dict]:
+    """{seed: `train_metrics` and the run's figures} from `train_seed`'s results: the `SHARED_ROWS` shares
+    of every seed joined into one set of those rows, the same in every seed's report; each seed's table is
+    written to `plots_dir/seeds/seed_<k>/test_scores.csv`."""
+    tables = {s: r["table"] for s, r in scored.items()}
+    shared = pd.concat([t[t.method.isin(SHARED_ROWS)] for _, t in sorted(tables.items())], ignore_index=True)
+    out = {}
+    for s, r in sorted(scored.items()):
+        table = pd.concat([tables[s][~tables[s].method.isin(SHARED_ROWS)], shared], ignore_index=True)
+        table.to_csv(Path(plots_dir) / "seeds" / f"seed_{s}" / "test_scores.csv", index=False)
+        metrics = train_metrics(table, r["gap"], r["operating_retention"], r["target_retention"])
+        out[s] = metrics | {k: v for k, v in r.items() if k not in ("table", "gap", *metrics)}
+    return out
 
 
 def select_checkpoint(trainer: CAPOTrainer, target: float, tolerance: float) -> int:
@@ -352,6 +382,9 @@ REPORT_ROWS = {
     "full": ("vanilla", None),
 }
 PRIOR_ROWS = ("prior_only", "prior_only_own", "prior_only_hard")
+# Rows whose allocation depends on neither the Allocator nor the seed (the same backbone answers the same
+# frames): scored once over the seeds, each seed a share of the test rows (`train_seed`, `seed_reports`).
+SHARED_ROWS = ("full", "fixed_scale_hard", "oracle")
 
 
 def report_context(trainer: CAPOTrainer, prior_allocator: Allocator | None = None) -> MethodContext:
