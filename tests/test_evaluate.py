@@ -349,20 +349,23 @@ def test_tables_and_checks_from_a_known_log(tmp_path):
 
 
 def test_the_deterministic_row_gets_its_bars_wherever_it_landed(tmp_path):
+    """The Beta-mean row is compared at the grid R nearest its retention (the higher on a tie), never at a
+    grid point far below it, where the Oracle's bar would hold vacuously."""
     log = E.ResultsLog(tmp_path / "s.jsonl")
     log.write(_log_rows())
     df = E.read_results(log.path)
-    own = df[(df.method == "resadapt_hard") & (df.budget == 0.1)].assign(
-        method="resadapt", budget=None, retention=0.18
-    )
-    rows = SE.frontier_checks(pd.concat([df, own], ignore_index=True))["rows"]
-    # above the hard-budget rows' 0.15 window, compared at the largest grid R below its retention
-    assert rows["resadapt@own"]["compared_at_R"] == "0.1" and rows["resadapt@own"]["retention"] == 0.18
-    assert set(rows["resadapt@own"]["bars"]) == {
-        "ge_vanilla_minus_2_points",
-        "ge_fixed_scale_plus_15_points",
-        "ge_90pct_of_oracle",
-    }
+    refs = df[df.method.isin(["fixed_scale", "oracle"]) & (df.budget == 0.1)]
+    df = pd.concat([df, refs.assign(budget=0.15, retention=0.14)], ignore_index=True)
+    own = df[(df.method == "resadapt_hard") & (df.budget == 0.1)].assign(method="resadapt", budget=None)
+    for retention, at in ((0.146, "0.15"), (0.18, "0.15"), (0.12, "0.1"), (0.125, "0.15"), (0.02, "0.1")):
+        rows = SE.frontier_checks(pd.concat([df, own.assign(retention=retention)], ignore_index=True))["rows"]
+        assert rows["resadapt@own"]["compared_at_R"] == at, retention
+        assert rows["resadapt@own"]["retention"] == retention
+        assert set(rows["resadapt@own"]["bars"]) == {
+            "ge_vanilla_minus_2_points",
+            "ge_fixed_scale_plus_15_points",
+            "ge_90pct_of_oracle",
+        }
 
 
 def test_a_method_above_the_oracle_beyond_its_interval_is_flagged(tmp_path):
