@@ -355,9 +355,11 @@ def test_the_deterministic_row_gets_its_bars_wherever_it_landed(tmp_path):
     log.write(_log_rows())
     df = E.read_results(log.path)
     refs = df[df.method.isin(["fixed_scale", "oracle"]) & (df.budget == 0.1)]
-    df = pd.concat([df, refs.assign(budget=0.15, retention=0.14)], ignore_index=True)
+    more = [refs.assign(budget=b, retention=b - 0.01) for b in (0.15, 0.25, 0.5)]
+    df = pd.concat([df, *more], ignore_index=True)
     own = df[(df.method == "resadapt_hard") & (df.budget == 0.1)].assign(method="resadapt", budget=None)
-    for retention, at in ((0.146, "0.15"), (0.18, "0.15"), (0.12, "0.1"), (0.125, "0.15"), (0.02, "0.1")):
+    cases = ((0.146, "0.15"), (0.18, "0.15"), (0.12, "0.1"), (0.02, "0.1"), (0.9, "0.5"))
+    for retention, at in (*cases, (0.375, "0.5")):  # 0.375: exactly between 0.25 and 0.5, a tie
         rows = SE.frontier_checks(pd.concat([df, own.assign(retention=retention)], ignore_index=True))["rows"]
         assert rows["resadapt@own"]["compared_at_R"] == at, retention
         assert rows["resadapt@own"]["retention"] == retention
