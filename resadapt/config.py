@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Task = Literal["detail_qa", "multi_frame", "grounding", "image_qa", "long_video"]
+Task = Literal["detail_qa", "multi_frame", "grounding", "image_qa", "long_video", "coarse_qa"]
 Method = Literal[  # the names of `resadapt.baselines.METHODS` (tests/test_evaluate.py keeps them equal)
     "vanilla",
     "fixed_scale",
@@ -67,6 +67,7 @@ class SplitSizes(_Section):
     grounding_videos: PositiveInt
     images: PositiveInt
     long_videos: PositiveInt
+    coarse_videos: Annotated[int, Field(ge=0)] = 0  # coarse_qa ("Is there a red card?"); 0: the task is absent
 
 
 class DataParams(_Section):
@@ -77,6 +78,7 @@ class DataParams(_Section):
     long_num_frames: PositiveInt = 64
     long_card_frames: PositiveInt = 4
     cards_per_video: Annotated[int, Field(ge=2, le=6)] = 3
+    glyph_sizes: Annotated[list[Annotated[int, Field(ge=1, le=4)]], Field(min_length=1)] = [2, 3, 4]
     splits: dict[Literal["train", "val", "test"], SplitSizes]
 
     @field_validator("frame_size")
@@ -103,6 +105,11 @@ class DataParams(_Section):
             raise ValueError(
                 f"data.cards_per_video ({self.cards_per_video}) needs at least as many chunks; "
                 f"data.num_frames={self.num_frames} gives {self.num_frames // 2}"
+            )
+        if self.cards_per_video > 5 and any(s.coarse_videos for s in self.splits.values()):
+            raise ValueError(
+                f"data.cards_per_video ({self.cards_per_video}) leaves no colour absent for coarse_qa's 'no' "
+                "questions (6 colours); use at most 5, or coarse_videos: 0"
             )
         missing = {"train", "val", "test"} - set(self.splits)
         if missing:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -79,15 +79,19 @@ def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int
     """Labels of the merged tokens of one chunk at its processed size.
 
     A token is labelled with the card whose cell falls inside its footprint on the full-resolution grid
-    (colour always; digit only while the chunk keeps more than half its resolution, below which no reader
-    could make it out).
+    (colour always; digit only while that card's glyph is readable at the chunk's scale, `Card.readable_at`:
+    a size-2 glyph at full resolution only, a size-4 one down to half).
     """
     grid = base // CELL
     digit, colour = token_labels(cards, first_frame, grid)
+    scale = min(size) / base
+    readable = np.zeros((grid, grid), dtype=bool)
+    for card in cards:
+        if first_frame in card.frames and card.readable_at(scale):
+            readable[card.row, card.col] = True
     gh, gw = size[0] // CELL, size[1] // CELL
     d = np.full((gh, gw), NO_DIGIT, dtype=np.int64)
     c = np.full((gh, gw), len(COLOURS), dtype=np.int64)
-    readable = gh * 2 > grid and gw * 2 > grid
     for i in range(gh):
         r0, r1 = i * grid // gh, max(i * grid // gh + 1, (i + 1) * grid // gh)
         for j in range(gw):
@@ -96,7 +100,7 @@ def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int
             hit = np.flatnonzero(cols.reshape(-1) != len(COLOURS))
             if hit.size:
                 c[i, j] = cols.reshape(-1)[hit[0]]
-                if readable:
+                if readable[r0:r1, c0:c1].reshape(-1)[hit[0]]:
                     d[i, j] = digit[r0:r1, c0:c1].reshape(-1)[hit[0]]
     return d.reshape(-1), c.reshape(-1)
 
@@ -392,7 +396,7 @@ def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp:
         for c in chunk_cards:
             if r0 <= c.row < r0 + cells and c0 <= c.col < c0 + cells:
                 cards.append(
-                    Card(c.colour, c.glyph, c.row - r0, c.col - c0, tuple(range(new_k * tp, new_k * tp + tp)))
+                    replace(c, row=c.row - r0, col=c.col - c0, frames=tuple(range(new_k * tp, new_k * tp + tp)))
                 )
     visible = {c.colour for c in cards}
     turns = [(q, a) for q, a in example.turns if any(col in q for col in visible)] or example.turns[:1]
@@ -439,7 +443,7 @@ class _SplitStream(torch.utils.data.IterableDataset):
         # re-index cards and evidence onto the sampled frames
         pos = {src: i for i, src in enumerate(meta.frame_indices)}
         cards = [
-            Card(c.colour, c.glyph, c.row, c.col, tuple(pos[f] for f in c.frames if f in pos))
+            replace(c, frames=tuple(pos[f] for f in c.frames if f in pos))
             for c in cards
             if any(f in pos for f in c.frames)
         ]

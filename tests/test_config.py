@@ -85,7 +85,7 @@ def _set(*keys_and_value):
         pytest.param(
             _set("evaluate", "tasks", ["detail_qa", "ocr"]),
             "evaluate.tasks",
-            "'detail_qa', 'multi_frame', 'grounding', 'image_qa' or 'long_video'",
+            "'image_qa', 'long_video' or 'coarse_qa'",
             id="task",
         ),
         pytest.param(_set("evaluate", "methods", ["vanila"]), "evaluate.methods", "'vanilla'", id="method"),

@@ -31,20 +31,21 @@ SPEC = BenchmarkSpec(
 )
 
 
-def _sizes(card: int, compare: int, grounding: int, images: int, long: int) -> dict[str, int]:
+def _sizes(card: int, compare: int, grounding: int, images: int, long: int, coarse: int = 0) -> dict[str, int]:
     return {
         "card_videos": card,
         "compare_videos": compare,
         "grounding_videos": grounding,
         "images": images,
         "long_videos": long,
+        "coarse_videos": coarse,
     }
 
 
 SIZES = {
-    "train": _sizes(3, 2, 3, 2, 2),
-    "val": _sizes(2, 2, 2, 2, 2),
-    "test": _sizes(2, 3, 2, 2, 2),
+    "train": _sizes(3, 2, 3, 2, 2, 4),
+    "val": _sizes(2, 2, 2, 2, 2, 2),
+    "test": _sizes(2, 3, 2, 2, 2, 3),
 }
 TINY_SIZES = {split: _sizes(1, 1, 1, 1, 1) for split in ("train", "val", "test")}
 TASK_OF = {
@@ -53,6 +54,7 @@ TASK_OF = {
     "grounding_videos": "grounding",
     "images": "image_qa",
     "long_videos": "long_video",
+    "coarse_videos": "coarse_qa",
 }
 
 
@@ -167,7 +169,7 @@ def test_split_row_counts_by_task(bench) -> None:
     assert set(tables) == {"train", "val", "test"}
     for split, sizes in SIZES.items():
         counts = Counter(tables[split]["task"])
-        assert counts == Counter({TASK_OF[k]: n for k, n in sizes.items()})
+        assert counts == Counter({TASK_OF[k]: n for k, n in sizes.items() if n})
         assert len(set(tables[split]["id"])) == len(tables[split])
 
 
@@ -198,6 +200,9 @@ def test_evidence_frames_are_where_the_named_cards_are_drawn(bench) -> None:
     for row in _rows(tables):
         cards = cards_from_json(row["cards"])
         frames = _media(root, row)
+        if row["answer"] == "no":  # coarse_qa about a colour that is not shown: no evidence
+            assert row["evidence_frames"] == []
+            continue
         named = [_card_of(cards, c) for c in _named_colours(row["question"])]
         assert len(named) == (2 if row["task"] == "multi_frame" else 1), row["question"]
         shown: set[int] = set()
@@ -219,6 +224,9 @@ def test_target_glyph_is_the_answer_and_the_only_digit(bench) -> None:
         assert len(cards) == SPEC.cards_per_video
         assert len({c.colour for c in cards}) == len(cards)
         assert len({(c.row, c.col) for c in cards}) == len(cards)
+        assert sum(c.digit is not None for c in cards) == (2 if row["task"] == "multi_frame" else 1)
+        if row["task"] == "coarse_qa":
+            continue  # asks about any card's colour, digit or letter (test_coarse_questions)
         named = [_card_of(cards, c) for c in _named_colours(row["question"])]
         for card in named:
             assert card.glyph.isdigit() and card.digit is not None
@@ -232,6 +240,46 @@ def test_target_glyph_is_the_answer_and_the_only_digit(bench) -> None:
             assert a.digit != b.digit
             assert row["answer"] == str(max(a.digit, b.digit))
             assert set(a.frames).isdisjoint(b.frames)
+
+
+def test_coarse_questions_are_balanced_and_answered_by_the_colours_shown(bench) -> None:
+    _, tables = bench
+    for split in ("train", "val", "test"):
+        rows = [r for r in tables[split].to_list() if r["task"] == "coarse_qa"]
+        answers = Counter(r["answer"] for r in rows)
+        assert answers["yes"] - answers["no"] in (0, 1) and set(answers) <= {"yes", "no"}, answers
+        for row in rows:
+            (colour,) = [c for c in COLOURS if f" {c} " in row["question"]]
+            shown = {c.colour: c for c in cards_from_json(row["cards"])}
+            assert row["answer"] == ("yes" if colour in shown else "no"), row["id"]
+            if colour in shown:
+                assert row["evidence_frames"] == list(shown[colour].frames)
+
+
+def test_glyph_sizes_are_drawn_per_card_from_the_spec(bench) -> None:
+    _, tables = bench
+    sizes = Counter(c.size for row in _rows(tables) for c in cards_from_json(row["cards"]))
+    assert set(sizes) == set(SPEC.glyph_sizes), sizes
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_a_glyph_of_size_k_is_5k_pixels_tall_and_fits_inside_the_border(size: int) -> None:
+    cell = _rendered_cell(Card("blue", "8", 0, 0, (0,), size))
+    ink = np.argwhere((cell == 0).all(-1))
+    assert ink[:, 0].max() - ink[:, 0].min() + 1 == 5 * size
+    assert ink[:, 1].max() - ink[:, 1].min() + 1 == 3 * size
+    assert ink.min() >= 4 and ink.max() < CELL - 4
+
+
+def test_glyph_sizes_outside_the_cell_are_refused() -> None:
+    with pytest.raises(ValueError, match="glyph size must be in 1..4"):
+        _rendered_cell(Card("blue", "8", 0, 0, (0,), 5))
+
+
+@pytest.mark.parametrize(("size", "scale", "readable"), [(2, 1.0, True), (2, 0.75, False), (3, 0.75, True),
+                                                          (3, 0.625, False), (4, 0.5, True), (4, 0.375, False)])
+def test_a_glyph_is_readable_while_its_strokes_keep_two_pixels(size, scale, readable) -> None:
+    assert Card("red", "7", 0, 0, (0,), size).readable_at(scale) is readable
 
 
 def test_grounding_span(bench) -> None:

@@ -370,6 +370,25 @@ def test_the_deterministic_row_gets_its_bars_wherever_it_landed(tmp_path):
         }
 
 
+def test_the_coarse_task_holds_resadapt_to_fixed_scale_and_compares_its_spend(tmp_path):
+    log = E.ResultsLog(tmp_path / "s.jsonl")
+    log.write(_log_rows())
+    df = E.read_results(log.path)
+    own = df[(df.method == "resadapt_hard") & (df.budget == 0.1)].assign(method="resadapt", budget=None)
+    detail = pd.concat([df, own.assign(retention=0.146)], ignore_index=True)
+    assert SE.coarse_checks(detail) == {}, "no coarse task in the grid: nothing to check"
+    coarse = detail.assign(task="coarse_qa")
+    coarse.loc[coarse.method == "resadapt", "retention"] = 0.09
+    checks = SE.coarse_checks(pd.concat([detail, coarse], ignore_index=True))
+    assert checks["compared_at_R"] == "0.1" and checks["retention"] == 0.09
+    bar = checks["bars"]["ge_fixed_scale_minus_2_points"]
+    assert bar["reference"] == "fixed_scale@0.1"
+    assert bar["difference"] == pytest.approx(0.5 - 0.25 + 0.02)
+    assert checks["detail_qa_retention"] == 0.146 and checks["spends_less_than_on_detail_qa"]
+    lines = SE.check_lines({"coarse_qa": checks})
+    assert any("spends less than on detail_qa (14.6%): yes" in line for line in lines), lines
+
+
 def test_a_method_above_the_oracle_beyond_its_interval_is_flagged(tmp_path):
     rows = _log_rows()
     for i in range(4, 8):  # fixed_scale: every sample right, the Oracle's 4 also right: tie, no flag

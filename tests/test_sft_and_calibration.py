@@ -53,6 +53,16 @@ def test_chunk_token_labels_follow_the_card_when_downscaled():
     assert c.reshape(2, 2)[1, 0] == 0, "but its colour still marks the token"
 
 
+def test_chunk_token_labels_are_graded_by_glyph_size():
+    small = Card("red", "7", row=0, col=0, frames=(0, 1), size=2)
+    large = Card("blue", "3", row=3, col=3, frames=(0, 1), size=4)
+    d, _ = chunk_token_labels([small, large], 0, (56, 56), 112)  # half resolution
+    assert d.reshape(2, 2)[1, 1] == 3, "a size-4 glyph keeps 2-px strokes at half resolution"
+    assert d.reshape(2, 2)[0, 0] == NO_DIGIT, "a size-2 glyph does not"
+    d, _ = chunk_token_labels([small, large], 0, (84, 84), 112)  # 0.75: sizes 3 and 4 readable
+    assert sorted(d[d != NO_DIGIT].tolist()) == [3]
+
+
 def test_crop_example_keeps_cards_and_questions_consistent():
     rng = np.random.default_rng(0)
     ex = _example(rng)

@@ -11,7 +11,7 @@ import yaml
 
 from resadapt.backbone import POINTER
 from resadapt.config import load_params, parse_params
-from resadapt.stages.backbone import backbone_stage, calibration_conditions, calibration_metrics
+from resadapt.stages.backbone import backbone_stage, calibration_conditions, calibration_metrics, distinct_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,18 +22,20 @@ def _params(**backbone):
     return parse_params(data)
 
 
-def _table(full, low, oracle, anti, low_retention=0.14):
+def _table(full, low, oracle, anti, low_retention=0.14, upper=(0.3, 0.5, 0.7), task="detail_qa", chance=0.1):
     rows = [
         ("full", full, 1.0),
         ("uniform_0.25", 0.1, 0.06),
         ("uniform_0.35", low, low_retention),
-        ("uniform_0.5", 0.3, 0.25),
+        ("uniform_0.5", upper[0], 0.25),
+        ("uniform_0.625", upper[1], 0.39),
+        ("uniform_0.75", upper[2], 0.56),
         ("oracle", oracle, 0.139),
         ("anti_oracle", anti, 0.877),
     ]
     return pd.DataFrame(
         [
-            {"task": "detail_qa", "condition": c, "accuracy": a, "retention": r, "n": 150, "chance": 0.1}
+            {"task": task, "condition": c, "accuracy": a, "retention": r, "n": 150, "chance": chance}
             for c, a, r in rows
         ]
     )
@@ -45,6 +47,7 @@ def test_conditions_follow_params():
         "uniform_0.25",
         "uniform_0.35",
         "uniform_0.5",
+        "uniform_0.625",
         "uniform_0.75",
         "oracle",
         "anti_oracle",
@@ -65,12 +68,28 @@ def test_checks_pass_for_a_separating_benchmark():
         (_table(0.95, 0.30, 0.93, 0.08), "uniform_low_at_most_chance_plus_0.15"),
         (_table(0.95, 0.12, 0.85, 0.08), "oracle_at_least_full_minus_0.05"),
         (_table(0.95, 0.12, 0.93, 0.40), "anti_oracle_at_most_chance_plus_0.15"),
+        # everything below full at chance but one scale: two levels, not graded
+        (_table(0.95, 0.12, 0.93, 0.08, upper=(0.1, 0.12, 0.6)), "uniform_at_least_3_levels"),
     ],
 )
 def test_each_check_can_fail(table, failing):
     checks = calibration_metrics(table, _params())["checks"]
     assert checks[failing] is False
     assert sum(v is False for v in checks.values()) == 1
+
+
+def test_distinct_levels_merge_values_within_the_gap():
+    assert distinct_levels([0.1, 0.12, 0.3, 0.33, 0.36, 0.9]) == [0.1, 0.3, 0.36, 0.9]
+    assert distinct_levels([0.5, 0.5, 0.5]) == [0.5]
+
+
+@pytest.mark.parametrize(("low", "holds"), [(0.9, True), (0.85, False)])
+def test_coarse_task_is_checked_at_the_low_uniform_point(low, holds):
+    coarse = _table(0.96, low, 0.96, 0.5, task="coarse_qa", chance=0.5)
+    table = pd.concat([_table(0.95, 0.12, 0.93, 0.08), coarse], ignore_index=True)
+    checks = calibration_metrics(table, _params())["checks"]["coarse"]
+    assert checks["uniform_low_condition"] == "uniform_0.35"
+    assert checks["uniform_low_at_least_full_minus_0.10"] is holds
 
 
 def test_metrics_are_json_and_nested_per_task():

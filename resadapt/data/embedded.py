@@ -1,7 +1,10 @@
 """The embedded benchmark: synthetic videos whose answers rest on a small detail the question points to.
 
 Every video shows a few *cards*: a coloured border (visible at coarse resolution, so a cheap look can find
-the card) around a 6x10 px glyph (readable only at full resolution). The card the question names carries
+the card) around a glyph drawn at one of `glyph_sizes` pixel scales (2: 6x10 px with 2-px strokes, 3: 9x15,
+4: 12x20). A glyph stays readable while its strokes keep about 2 px (`READABLE_STROKE_PX`), so a size-2
+glyph needs full resolution, a size-4 one survives a 0.5 downscale: uniform downscaling loses the cards one
+size at a time, the graded degradation real benchmarks show, instead of everything at the first step. The card the question names carries
 a digit; the other cards carry letters drawn with the same font and the same amount of ink, so at coarse
 resolution all cards look alike and only the question's colour says where the digit is. Each card fills
 exactly one 28x28 token cell of the full-resolution frame, which lets the generator label every visual
@@ -18,6 +21,9 @@ Tasks (all with the same row schema as the real benchmark loaders):
   blue card?" -> the larger digit (chance 1/9 for distinct digits with a uniform guess); two evidence chunks.
 - ``grounding``: "When is the digit on the red card shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
 - ``image_qa``: a single image with several cards, detail question as above.
+- ``coarse_qa``: "Is there a red card?" -> "yes" / "no" (balanced, chance 50%): answerable from the coloured
+  borders alone, at low resolution, so a query-aware allocator can spend little on it. Evidence: the asked
+  card's frames ("yes"), none ("no").
 - ``long_video``: like ``detail_qa`` on a long video whose cards are visible only briefly, for frame scaling.
 """
 
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = ("detail_qa", "multi_frame", "grounding", "image_qa", "long_video")
+TASKS = ("detail_qa", "multi_frame", "grounding", "image_qa", "long_video", "coarse_qa")
 CELL = 28  # one merged visual token of Qwen2.5-VL at full resolution
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -63,20 +69,29 @@ _FONT = {
     "U": ["101", "101", "101", "101", "111"],
 }
 LETTERS = tuple(g for g in _FONT if not g.isdigit())
-GLYPH_SCALE = 2
+GLYPH_SCALE = 2  # the default (and smallest) glyph size: 6x10 px
 BORDER = 4
+MAX_GLYPH_SIZE = (CELL - 2 * BORDER) // 5  # the tallest glyph (5 rows) that fits inside the border: 4
+#: Stroke width (px, at the processed resolution) down to which a glyph counts as readable: the smallest
+#: glyph's stroke at full resolution. The vision tower's dense labels use it (resadapt/sft.py).
+READABLE_STROKE_PX = 2.0
 NO_DIGIT = 10  # dense label for background and letter cells
 
 
 @dataclass(frozen=True)
 class Card:
-    """One card: where (token cell), when (source frame indices), what (colour, glyph)."""
+    """One card: where (token cell), when (source frame indices), what (colour, glyph at pixel scale `size`)."""
 
     colour: str
     glyph: str
     row: int
     col: int
     frames: tuple[int, ...]
+    size: int = GLYPH_SCALE
+
+    def readable_at(self, scale: float) -> bool:
+        """Whether the glyph's strokes keep `READABLE_STROKE_PX` at resize `scale` (1 = full resolution)."""
+        return scale * self.size >= READABLE_STROKE_PX - 1e-9
 
     @property
     def digit(self) -> int | None:
@@ -109,7 +124,9 @@ def draw_card(canvas: np.ndarray, card: Card) -> None:
     canvas[y0 : y0 + CELL, x0 : x0 + CELL] = COLOURS[card.colour]
     canvas[y0 + BORDER : y0 + CELL - BORDER, x0 + BORDER : x0 + CELL - BORDER] = 255
     glyph = np.array([[c == "1" for c in row] for row in _FONT[card.glyph]], dtype=bool)
-    glyph = glyph.repeat(GLYPH_SCALE, 0).repeat(GLYPH_SCALE, 1)
+    if not 1 <= card.size <= MAX_GLYPH_SIZE:
+        raise ValueError(f"card glyph size must be in 1..{MAX_GLYPH_SIZE} (fits a {CELL}-px cell), got {card.size}")
+    glyph = glyph.repeat(card.size, 0).repeat(card.size, 1)
     gh, gw = glyph.shape
     gy, gx = y0 + (CELL - gh) // 2, x0 + (CELL - gw) // 2
     region = canvas[gy : gy + gh, gx : gx + gw]
@@ -170,12 +187,18 @@ class BenchmarkSpec:
     long_num_frames: int = 64
     long_card_frames: int = 4
     cards_per_video: int = 3
+    glyph_sizes: tuple[int, ...] = (2, 3, 4)
     temporal_patch: int = 2
 
 
 def _place(rng: np.random.Generator, grid: int, n: int) -> list[tuple[int, int]]:
     cells = rng.choice(grid * grid, size=n, replace=False)
     return [(int(c) // grid, int(c) % grid) for c in cells]
+
+
+def _sizes(rng: np.random.Generator, spec: BenchmarkSpec, n: int) -> list[int]:
+    """Glyph sizes drawn independently for every card (asked or not), uniform over `spec.glyph_sizes`."""
+    return [int(x) for x in rng.choice(np.asarray(spec.glyph_sizes), size=n)]
 
 
 def _glyphs(rng: np.random.Generator, n: int, n_digits: int) -> list[str]:
@@ -196,6 +219,7 @@ def draw_card_video(
     slots = num_frames // card_frames
     windows = rng.choice(slots, size=n, replace=False)
     cells = _place(rng, grid, n)
+    sizes = _sizes(rng, spec, n)
     cards = [
         Card(
             str(colours[i]),
@@ -203,6 +227,7 @@ def draw_card_video(
             cells[i][0],
             cells[i][1],
             tuple(range(int(windows[i]) * card_frames, int(windows[i]) * card_frames + card_frames)),
+            sizes[i],
         )
         for i in range(n)
     ]
@@ -228,11 +253,14 @@ def draw_grounding_video(rng: np.random.Generator, spec: BenchmarkSpec):
         spans[int(i)] = (cursor, cursor + lengths[int(i)])
         cursor += lengths[int(i)]
     cells = _place(rng, grid, n)
+    sizes = _sizes(rng, spec, n)
     cards = []
     for i in range(n):
         c0, c1 = spans[i]
         cards.append(
-            Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp)))
+            Card(
+                str(colours[i]), glyphs[i], cells[i][0], cells[i][1], tuple(range(c0 * tp, c1 * tp)), sizes[i]
+            )
         )
     return cards, render(cards, background(rng, spec.frame_size, spec.num_frames))
 
@@ -243,7 +271,8 @@ def draw_image(rng: np.random.Generator, spec: BenchmarkSpec):
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     glyphs = _glyphs(rng, n, 1)
     cells = _place(rng, grid, n)
-    cards = [Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], (0,)) for i in range(n)]
+    sizes = _sizes(rng, spec, n)
+    cards = [Card(str(colours[i]), glyphs[i], cells[i][0], cells[i][1], (0,), sizes[i]) for i in range(n)]
     return cards, render(cards, background(rng, spec.frame_size, 1))[0]
 
 
@@ -253,6 +282,10 @@ def detail_question(colour: str) -> str:
 
 def compare_question(a: str, b: str) -> str:
     return f"Which is larger, the digit on the {a} card or on the {b} card?"
+
+
+def presence_question(colour: str) -> str:
+    return f"Is there a {colour} card?"
 
 
 def grounding_question(colour: str) -> str:
@@ -280,7 +313,7 @@ def _rel(path: Path, root: Path) -> str:
     return str(Path(path).relative_to(root))
 
 
-_KINDS = ("card", "compare", "grounding", "image", "long")
+_KINDS = ("card", "compare", "grounding", "image", "long", "coarse")
 
 
 def _draw_item(job: tuple) -> list[dict]:
@@ -320,6 +353,9 @@ def _draw_item(job: tuple) -> list[dict]:
     elif kind == "long":
         cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
         num = spec.long_num_frames
+    elif kind == "coarse":
+        cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch)
+        num = spec.num_frames
     else:
         n_digits = 2 if kind == "compare" else 1
         cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch, n_digits)
@@ -339,6 +375,17 @@ def _draw_item(job: tuple) -> list[dict]:
             answer_span=[start, end],
             evidence_frames=list(target.frames),
             **meta,
+        )
+    elif kind == "coarse":
+        # even items ask about a card that is shown, odd ones about a colour that is not: balanced answers
+        if i % 2 == 0:
+            asked = cards[int(rng.integers(len(cards)))]
+            colour, answer, evidence = asked.colour, "yes", list(asked.frames)
+        else:
+            absent = sorted(set(COLOURS) - {c.colour for c in cards})
+            colour, answer, evidence = str(rng.choice(absent)), "no", []
+        row = Sample(
+            vid, "coarse_qa", "video", path, presence_question(colour), answer, evidence_frames=evidence, **meta
         )
     elif kind == "compare":
         a, b = cards[0], cards[1]
@@ -395,6 +442,7 @@ def write_benchmark(
         "grounding": "grounding_videos",
         "image": "images",
         "long": "long_videos",
+        "coarse": "coarse_videos",
     }
     tables = {}
     ctx = mp.get_context("spawn")
@@ -405,7 +453,7 @@ def write_benchmark(
             jobs = [
                 (str(root), spec, seed, split_index, split, kind, i)
                 for kind in _KINDS
-                for i in range(sizes[split][counts[kind]])
+                for i in range(sizes[split].get(counts[kind], 0))
             ]
             rows: list[dict] = []
             for item_rows in tqdm(
@@ -459,4 +507,7 @@ def split_rows(root: str | Path, split: str, tasks: list[str], limit: int | None
 def benchmark_spec(data_params) -> BenchmarkSpec:
     """The BenchmarkSpec a validated `config.DataParams` describes (its fields of the same names)."""
     keys = {f.name for f in fields(BenchmarkSpec)} & set(type(data_params).model_fields)
-    return BenchmarkSpec(**data_params.model_dump(include=keys))
+    values = data_params.model_dump(include=keys)
+    if "glyph_sizes" in values:
+        values["glyph_sizes"] = tuple(values["glyph_sizes"])
+    return BenchmarkSpec(**values)

@@ -152,8 +152,30 @@ def _share_conditions(conditions, samples, geom, s_min: float, workers: int) -> 
     return [sh for sh in shares if sh]
 
 
-def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail_qa") -> dict:
-    """Nested metrics for `dvc metrics show` plus the spine issue's calibration checks on `task`.
+LEVEL_GAP = 0.05  # accuracies closer than this (about one standard error at 150 samples) are one level
+
+
+def distinct_levels(accuracies, gap: float = LEVEL_GAP) -> list[float]:
+    """The distinct accuracy levels among `accuracies`: sorted, a new level wherever a value lies more than
+    `gap` above the previous level's lowest value."""
+    levels: list[float] = []
+    for a in sorted(float(x) for x in accuracies):
+        if not levels or a - levels[-1] > gap:
+            levels.append(a)
+    return levels
+
+
+def _low_uniform(part: pd.DataFrame) -> pd.DataFrame:
+    """The uniform condition whose measured retention is nearest the table's low budget (R about 0.135)."""
+    uniform = part[part.index.str.startswith("uniform_")]
+    return uniform.iloc[(uniform.retention - 0.135).abs().argsort()[:1]]
+
+
+def calibration_metrics(
+    table: pd.DataFrame, params: Params, task: str = "detail_qa", coarse_task: str = "coarse_qa"
+) -> dict:
+    """Nested metrics for `dvc metrics show` plus the calibration checks on `task` (and on `coarse_task`,
+    when calibrated).
 
     The checks are reported, not asserted: they say whether the benchmark separates allocations.
     """
@@ -168,10 +190,11 @@ def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail
         return metrics
     chance = float(part["chance"].iloc[0])
     uniform = part[part.index.str.startswith("uniform_")]
-    low = uniform.iloc[(uniform.retention - 0.135).abs().argsort()[:1]]
+    low = _low_uniform(part)
     full = float(part.loc["full", "accuracy"])
     oracle = part.loc["oracle"]
     anti = part.loc["anti_oracle"]
+    levels = distinct_levels(uniform.accuracy)
     metrics["checks"] = {
         "task": task,
         "chance": chance,
@@ -181,6 +204,8 @@ def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail
         "uniform_low_retention": round(float(low.retention.iloc[0]), 4),
         "uniform_low_accuracy": round(float(low.accuracy.iloc[0]), 4),
         "uniform_low_at_most_chance_plus_0.15": bool(float(low.accuracy.iloc[0]) <= chance + 0.15),
+        "uniform_levels": [round(x, 4) for x in levels],
+        "uniform_at_least_3_levels": bool(len(levels) >= 3),
         "oracle_retention": round(float(oracle.retention), 4),
         "oracle_accuracy": round(float(oracle.accuracy), 4),
         "oracle_at_least_full_minus_0.05": bool(float(oracle.accuracy) >= full - 0.05),
@@ -188,6 +213,19 @@ def calibration_metrics(table: pd.DataFrame, params: Params, task: str = "detail
         "anti_oracle_accuracy": round(float(anti.accuracy), 4),
         "anti_oracle_at_most_chance_plus_0.15": bool(float(anti.accuracy) <= chance + 0.15),
     }
+    coarse = table[table.task == coarse_task].set_index("condition")
+    if not coarse.empty:
+        low = _low_uniform(coarse)
+        c_full = float(coarse.loc["full", "accuracy"])
+        metrics["checks"]["coarse"] = {
+            "task": coarse_task,
+            "chance": float(coarse["chance"].iloc[0]),
+            "full_accuracy": round(c_full, 4),
+            "uniform_low_condition": str(low.index[0]),
+            "uniform_low_retention": round(float(low.retention.iloc[0]), 4),
+            "uniform_low_accuracy": round(float(low.accuracy.iloc[0]), 4),
+            "uniform_low_at_least_full_minus_0.10": bool(float(low.accuracy.iloc[0]) >= c_full - 0.10),
+        }
     return metrics
 
 

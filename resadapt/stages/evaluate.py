@@ -285,6 +285,11 @@ def _bar(df: pd.DataFrame, row: tuple, ref: tuple, weight: float = 1.0, margin: 
     }
 
 
+def _nearest_budget(budgets: list[str], retention: float) -> str | None:
+    """The grid's target R nearest a measured retention, the higher on a tie (None without budgets)."""
+    return min(reversed(budgets), key=lambda b: abs(float(b) - retention), default=None)
+
+
 def frontier_checks(
     df: pd.DataFrame, task: str = "detail_qa", max_retention: float = 0.15, frames: int | None = None
 ) -> dict:
@@ -306,9 +311,7 @@ def frontier_checks(
         (f.method == "resadapt_hard") & (f.retention <= max_retention)
     )
     for _, r in f[rows].iterrows():
-        at = r.R
-        if r.R == "own":
-            at = min(reversed(budgets), key=lambda b: abs(float(b) - r.retention), default=None)
+        at = _nearest_budget(budgets, r.retention) if r.R == "own" else r.R
         row = (r.method, r.R)
         bars = {"ge_vanilla_minus_2_points": _bar(part, row, ("vanilla", "own"), 1.0, -0.02)}
         if at is not None:
@@ -321,6 +324,38 @@ def frontier_checks(
             "compared_at_R": at,
             "bars": {k: v for k, v in bars.items() if v is not None},
         }
+    return out
+
+
+def coarse_checks(
+    df: pd.DataFrame, task: str = "coarse_qa", detail_task: str = "detail_qa", frames: int | None = None
+) -> dict:
+    """Query-aware allocation on a question that needs no detail: the deterministic ResAdapt row on `task`
+    against FixedScale at the grid R nearest its retention - 2 points (paired bootstrap), and whether it
+    spends less there than on `detail_task` (its measured retention on each)."""
+    part = df[(df.grid == "main") & (df.task == task)]
+    f = frontier(df, task, frames)
+    own = f[(f.method == "resadapt") & (f.R == "own")]
+    if part.empty or own.empty:
+        return {}
+    part = _with_labels(part[part.frames == (frames if frames is not None else part.frames.min())])
+    r = own.iloc[0]
+    at = _nearest_budget(sorted({b for b in f.R if b != "own"}, key=float), r.retention)
+    out: dict[str, Any] = {
+        "task": task,
+        "accuracy": float(r.accuracy),
+        "ci": [float(r.low), float(r.high)],
+        "retention": float(r.retention),
+        "compared_at_R": at,
+        "bars": {},
+    }
+    if at is not None and (bar := _bar(part, ("resadapt", "own"), ("fixed_scale", at), 1.0, -0.02)):
+        out["bars"]["ge_fixed_scale_minus_2_points"] = bar
+    detail = frontier(df, detail_task, frames)
+    detail_own = detail[(detail.method == "resadapt") & (detail.R == "own")]
+    if not detail_own.empty:
+        out[f"{detail_task}_retention"] = float(detail_own.retention.iloc[0])
+        out[f"spends_less_than_on_{detail_task}"] = bool(r.retention < detail_own.retention.iloc[0])
     return out
 
 
@@ -617,6 +652,7 @@ def stage_metrics(df: pd.DataFrame, params) -> dict:
         "frames": _records(frames_table(df)),
         "seeds": _records(seeds_table(df)),
         "frontier_detail_qa": frontier_checks(df, "detail_qa"),
+        "coarse_qa": coarse_checks(df, "coarse_qa"),
         "oracle_bound": oracle_bound_checks(df),
         "frames_scaling": frames_checks(df, ev.frames_reference),
         "overhead": overhead(df, ev.overhead_frames),
@@ -654,6 +690,26 @@ def check_lines(metrics: dict) -> list[str]:
                 f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {verdict}"
             )
         lines.append(head + "; " + "; ".join(parts))
+    coarse = metrics.get("coarse_qa") or {}
+    if coarse:
+        bars = "; ".join(
+            f"{name.replace('_', ' ')} (vs {bar['reference']}): margin {_pct(bar['difference'])} points "
+            f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {'holds' if bar['holds_at_ci_low'] else 'missed'} "
+            "at the CI low end"
+            for name, bar in coarse["bars"].items()
+        )
+        spend = next((k for k in coarse if k.startswith("spends_less_than_on_")), None)
+        lines.append(
+            f"resadapt@own on {coarse['task']}: {_pct(coarse['accuracy'])}% [{_pct(coarse['ci'][0])}, "
+            f"{_pct(coarse['ci'][1])}] at retention {_pct(coarse['retention'])}%; {bars}"
+            + (
+                f"; spends less than on {spend.removeprefix('spends_less_than_on_')} "
+                f"({_pct(coarse[spend.replace('spends_less_than_on_', '') + '_retention'])}%): "
+                + ("yes" if coarse[spend] else "no")
+                if spend
+                else ""
+            )
+        )
     bound = metrics.get("oracle_bound") or {}
     if bound:
         lines.append(

@@ -46,7 +46,8 @@ def summary_lines(root: str | Path = ".") -> list[str]:
             f"backbone ({backbone.get('task')}): full {backbone.get('full_accuracy')}, Oracle "
             f"{backbone.get('oracle_accuracy')} at retention {backbone.get('oracle_retention')}, uniform "
             f"{backbone.get('uniform_low_accuracy')} at {backbone.get('uniform_low_retention')} (chance "
-            f"{backbone.get('chance')}); " + ", ".join(_flags(backbone))
+            f"{backbone.get('chance')}), uniform levels {backbone.get('uniform_levels')}; "
+            + ", ".join(_flags(backbone))
         )
     train = _load(root, "train")
     if train:
