@@ -67,7 +67,16 @@ class SplitSizes(_Section):
     grounding_videos: PositiveInt
     images: PositiveInt
     long_videos: PositiveInt
-    coarse_videos: Annotated[int, Field(ge=0)] = 0  # coarse_qa ("Is there a red card?"); 0: the task is absent
+    coarse_questions: Annotated[int, Field(ge=0)] = 0  # the first N card videos also get a coarse_qa question
+
+    @model_validator(mode="after")
+    def _coarse_on_card_videos(self) -> SplitSizes:
+        if self.coarse_questions > self.card_videos:
+            raise ValueError(
+                f"coarse_questions ({self.coarse_questions}) are asked about card videos: at most card_videos "
+                f"({self.card_videos})"
+            )
+        return self
 
 
 class DataParams(_Section):
@@ -106,10 +115,10 @@ class DataParams(_Section):
                 f"data.cards_per_video ({self.cards_per_video}) needs at least as many chunks; "
                 f"data.num_frames={self.num_frames} gives {self.num_frames // 2}"
             )
-        if self.cards_per_video > 5 and any(s.coarse_videos for s in self.splits.values()):
+        if self.cards_per_video > 5 and any(s.coarse_questions for s in self.splits.values()):
             raise ValueError(
                 f"data.cards_per_video ({self.cards_per_video}) leaves no colour absent for coarse_qa's 'no' "
-                "questions (6 colours); use at most 5, or coarse_videos: 0"
+                "questions (6 colours); use at most 5, or coarse_questions: 0"
             )
         missing = {"train", "val", "test"} - set(self.splits)
         if missing:

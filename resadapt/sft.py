@@ -396,10 +396,14 @@ def crop_example(example: Example, rng: np.random.Generator, cells: int = 3, tp:
         for c in chunk_cards:
             if r0 <= c.row < r0 + cells and c0 <= c.col < c0 + cells:
                 cards.append(
-                    replace(c, row=c.row - r0, col=c.col - c0, frames=tuple(range(new_k * tp, new_k * tp + tp)))
+                    replace(
+                        c, row=c.row - r0, col=c.col - c0, frames=tuple(range(new_k * tp, new_k * tp + tp))
+                    )
                 )
-    visible = {c.colour for c in cards}
-    turns = [(q, a) for q, a in example.turns if any(col in q for col in visible)] or example.turns[:1]
+    # keep the questions the crop still answers: none about a card it cut away (a question about a colour the
+    # video never shows, answered "no", stays true)
+    lost = {c.colour for c in example.cards} - {c.colour for c in cards}
+    turns = [(q, a) for q, a in example.turns if not any(col in q for col in lost)] or example.turns[:1]
     return Example(
         np.concatenate(frames),
         cards,

@@ -19,8 +19,11 @@ from resadapt.data.embedded import (
     NO_DIGIT,
     BenchmarkSpec,
     Card,
+    background,
     detail_question,
     draw_card_video,
+    presence_question,
+    render,
 )
 from resadapt.data.sample import LoadedSample
 from resadapt.sft import (
@@ -75,6 +78,24 @@ def test_crop_example_keeps_cards_and_questions_consistent():
         for f in card.frames:
             assert tuple(crop.frames[f, y, x]) == COLOURS[card.colour]
     assert crop.turns == ex.turns  # the asked card is always in the crop
+
+
+def test_crop_example_drops_only_questions_about_cards_it_cut_away():
+    rng = np.random.default_rng(0)
+    red = Card("red", "7", row=0, col=0, frames=(0, 1))
+    blue = Card("blue", "A", row=3, col=3, frames=(0, 1))  # same chunk as red, out of a 1-cell crop around it
+    green = Card("green", "E", row=1, col=1, frames=(2, 3))
+    cards = [red, blue, green]
+    turns = [
+        (detail_question("red"), "7"),
+        (presence_question("purple"), "no"),  # never shown: still true in any crop
+        (presence_question("blue"), "yes"),  # cut away with its cell
+        (presence_question("green"), "yes"),
+    ]
+    frames = render(cards, background(rng, SPEC.frame_size, SPEC.num_frames))
+    crop = crop_example(Example(frames, cards, turns, SPEC.fps, [0, 1]), rng, cells=1)
+    assert {c.colour for c in crop.cards} == {"red", "green"}
+    assert crop.turns == [turns[0], turns[1], turns[3]]
 
 
 def test_assistant_labels_mark_every_answer_turn():

@@ -11,7 +11,12 @@ import yaml
 
 from resadapt.backbone import POINTER
 from resadapt.config import load_params, parse_params
-from resadapt.stages.backbone import backbone_stage, calibration_conditions, calibration_metrics, distinct_levels
+from resadapt.stages.backbone import (
+    backbone_stage,
+    calibration_conditions,
+    calibration_metrics,
+    distinct_levels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,11 @@ Tasks (all with the same row schema as the real benchmark loaders):
   blue card?" -> the larger digit (chance 1/9 for distinct digits with a uniform guess); two evidence chunks.
 - ``grounding``: "When is the digit on the red card shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
 - ``image_qa``: a single image with several cards, detail question as above.
-- ``coarse_qa``: "Is there a red card?" -> "yes" / "no" (balanced, chance 50%): answerable from the coloured
-  borders alone, at low resolution, so a query-aware allocator can spend little on it. Evidence: the asked
-  card's frames ("yes"), none ("no").
+- ``coarse_qa``: "Is there a red card?" -> "yes" / "no" (balanced, chance 50%), asked about the first
+  `coarse_questions` card videos of a split, a second question on the same video as its ``detail_qa`` one:
+  answerable from the coloured borders alone, at low resolution, so a query-aware allocator can spend little
+  on it, and the backbone learns from the pair that the question, not the video, decides what to answer.
+  Evidence: the asked card's frames ("yes"), none ("no").
 - ``long_video``: like ``detail_qa`` on a long video whose cards are visible only briefly, for frame scaling.
 """
 
@@ -125,7 +127,9 @@ def draw_card(canvas: np.ndarray, card: Card) -> None:
     canvas[y0 + BORDER : y0 + CELL - BORDER, x0 + BORDER : x0 + CELL - BORDER] = 255
     glyph = np.array([[c == "1" for c in row] for row in _FONT[card.glyph]], dtype=bool)
     if not 1 <= card.size <= MAX_GLYPH_SIZE:
-        raise ValueError(f"card glyph size must be in 1..{MAX_GLYPH_SIZE} (fits a {CELL}-px cell), got {card.size}")
+        raise ValueError(
+            f"card glyph size must be in 1..{MAX_GLYPH_SIZE} (fits a {CELL}-px cell), got {card.size}"
+        )
     glyph = glyph.repeat(card.size, 0).repeat(card.size, 1)
     gh, gw = glyph.shape
     gy, gx = y0 + (CELL - gh) // 2, x0 + (CELL - gw) // 2
@@ -313,7 +317,7 @@ def _rel(path: Path, root: Path) -> str:
     return str(Path(path).relative_to(root))
 
 
-_KINDS = ("card", "compare", "grounding", "image", "long", "coarse")
+_KINDS = ("card", "compare", "grounding", "image", "long")
 
 
 def _draw_item(job: tuple) -> list[dict]:
@@ -322,7 +326,7 @@ def _draw_item(job: tuple) -> list[dict]:
 
     from resadapt.data.video import write_video
 
-    root, spec, seed, split_index, split, kind, i = job
+    root, spec, seed, split_index, split, kind, i, coarse = job
     rng = np.random.default_rng([seed, split_index, _KINDS.index(kind), i])
     root = Path(root)
     media = root / split
@@ -353,9 +357,6 @@ def _draw_item(job: tuple) -> list[dict]:
     elif kind == "long":
         cards, frames = draw_card_video(rng, spec, spec.long_num_frames, spec.long_card_frames)
         num = spec.long_num_frames
-    elif kind == "coarse":
-        cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch)
-        num = spec.num_frames
     else:
         n_digits = 2 if kind == "compare" else 1
         cards, frames = draw_card_video(rng, spec, spec.num_frames, spec.temporal_patch, n_digits)
@@ -375,17 +376,6 @@ def _draw_item(job: tuple) -> list[dict]:
             answer_span=[start, end],
             evidence_frames=list(target.frames),
             **meta,
-        )
-    elif kind == "coarse":
-        # even items ask about a card that is shown, odd ones about a colour that is not: balanced answers
-        if i % 2 == 0:
-            asked = cards[int(rng.integers(len(cards)))]
-            colour, answer, evidence = asked.colour, "yes", list(asked.frames)
-        else:
-            absent = sorted(set(COLOURS) - {c.colour for c in cards})
-            colour, answer, evidence = str(rng.choice(absent)), "no", []
-        row = Sample(
-            vid, "coarse_qa", "video", path, presence_question(colour), answer, evidence_frames=evidence, **meta
         )
     elif kind == "compare":
         a, b = cards[0], cards[1]
@@ -411,7 +401,23 @@ def _draw_item(job: tuple) -> list[dict]:
             evidence_frames=list(target.frames),
             **meta,
         )
-    return [asdict(row)]
+    rows = [asdict(row)]
+    if coarse:
+        rows.append(asdict(_presence_row(rng, f"{vid}-coarse", path, cards, i % 2 == 0, meta)))
+    return rows
+
+
+def _presence_row(rng: np.random.Generator, vid: str, path: str, cards: list[Card], shown: bool, meta: dict):
+    """A coarse_qa row about a video's cards: a shown card's colour ("yes") or a colour not shown ("no")."""
+    if shown:
+        asked = cards[int(rng.integers(len(cards)))]
+        colour, answer, evidence = asked.colour, "yes", list(asked.frames)
+    else:
+        absent = sorted(set(COLOURS) - {c.colour for c in cards})
+        colour, answer, evidence = str(rng.choice(absent)), "no", []
+    return Sample(
+        vid, "coarse_qa", "video", path, presence_question(colour), answer, evidence_frames=evidence, **meta
+    )
 
 
 def write_benchmark(
@@ -442,7 +448,6 @@ def write_benchmark(
         "grounding": "grounding_videos",
         "image": "images",
         "long": "long_videos",
-        "coarse": "coarse_videos",
     }
     tables = {}
     ctx = mp.get_context("spawn")
@@ -450,10 +455,11 @@ def write_benchmark(
         for split_index, split in enumerate(("train", "val", "test")):
             if split not in sizes:
                 raise KeyError(f"sizes has no entry for split {split!r}")
+            n_coarse = sizes[split].get("coarse_questions", 0)
             jobs = [
-                (str(root), spec, seed, split_index, split, kind, i)
+                (str(root), spec, seed, split_index, split, kind, i, kind == "card" and i < n_coarse)
                 for kind in _KINDS
-                for i in range(sizes[split].get(counts[kind], 0))
+                for i in range(sizes[split][counts[kind]])
             ]
             rows: list[dict] = []
             for item_rows in tqdm(

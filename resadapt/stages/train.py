@@ -285,7 +285,9 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     table = pd.concat(tables, ignore_index=True)
     # the gap measures reading where reading needs resolution: coarse questions (whose evidence is legible at
     # any scale) are left out
-    gap_rows = split_rows(params.data.root, "test", [t for t in rl.tasks if t != "coarse_qa"], rl.test_samples)
+    gap_rows = split_rows(
+        params.data.root, "test", [t for t in rl.tasks if t != "coarse_qa"], rl.test_samples
+    )
     report = {
         "table": table,
         "gap": evidence_gap(trainer, gap_rows),
