@@ -18,17 +18,28 @@ from resadapt.rewards import score
 
 
 def chance_levels(samples: list[LoadedSample]) -> dict[str, float]:
-    """Per task, the accuracy of always giving its most frequent answer (the majority answer over these
-    samples, e.g. the test split): the real floor of a model that ignores the video. A uniform guess is
-    lower whenever the answers are unbalanced ("the larger of two digits" is 9 in 9 of 45 pairs).
-    Grounding (scored by IoU) has no such level: NaN."""
-    answers: dict[str, list[str]] = {}
+    """Per task, the best score of a rule that ignores the video: always giving the most frequent answer
+    (the majority answer over these samples, e.g. the test split), or, for questions with options, always
+    picking the option at one position. A uniform guess is lower whenever the answers are unbalanced ("the
+    larger of two digits" is 9 in 9 of 45 pairs). Grounding (scored by IoU) has no such level: NaN."""
+    rows: dict[str, list[dict]] = {}
     for s in samples:
-        answers.setdefault(s.row["task"], []).append(str(s.row["answer"]))
-    return {
-        task: float("nan") if task == "grounding" else max(map(a.count, set(a))) / len(a)
-        for task, a in answers.items()
-    }
+        rows.setdefault(s.row["task"], []).append(s.row)
+    out = {}
+    for task, rs in rows.items():
+        if task == "grounding":
+            out[task] = float("nan")
+            continue
+        answers = [str(r["answer"]) for r in rs]
+        best = max(map(answers.count, set(answers)))
+        width = max((len(r.get("options") or []) for r in rs), default=0)
+        for k in range(width):
+            picks = sum(
+                len(r.get("options") or []) > k and str(r["options"][k]) == str(r["answer"]) for r in rs
+            )
+            best = max(best, picks)
+        out[task] = best / len(rs)
+    return out
 
 
 def condition_scales(name: str, sample: LoadedSample, s_min: float, tp: int) -> np.ndarray:

@@ -175,6 +175,9 @@ class SFTParams(_Section):
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = (
+        0.15  # share of SFT videos shown uniformly downscaled
+    )
     vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     clip: Annotated[float, Field(gt=0.0)] = 1.0
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None  # opt-in wall-clock cap per phase

@@ -53,9 +53,20 @@ class Example:
 CROPPABLE_TASKS = ("detail_qa", "multi_frame")
 
 
-def chunk_scales_for(example: Example, rng: np.random.Generator, s_min: float, p_full: float, tp: int = 2):
-    """Random per-chunk scales: evidence chunks at full resolution with probability `p_full`, others anywhere."""
+def chunk_scales_for(
+    example: Example,
+    rng: np.random.Generator,
+    s_min: float,
+    p_full: float,
+    tp: int = 2,
+    p_uniform: float = 0.0,
+):
+    """Random per-chunk scales: with probability `p_uniform` the whole video at one scale in [s_min, 1] (how
+    uniform downscaling shows it: the large glyphs stay readable, so the model learns to read them there);
+    otherwise evidence chunks at full resolution with probability `p_full`, others anywhere."""
     n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
+    if rng.random() < p_uniform:
+        return [float(rng.uniform(s_min, 1.0))] * n_chunks
     evidence = {f // tp for f in example.evidence_frames}
     scales = []
     for k in range(n_chunks):
@@ -344,7 +355,7 @@ def train_backbone(
             warm = min(1.0, (step + 1) / 20)
             g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         exs = take(batch_size, crop_prob)
-        scales = [chunk_scales_for(e, rng, s_min, schedule.p_full) for e in exs]
+        scales = [chunk_scales_for(e, rng, s_min, schedule.p_full, p_uniform=schedule.p_uniform) for e in exs]
         batch, dense = conversation_inputs(processor, exs, scales)
         capture.take()
         loss = model(**batch).loss

@@ -22,8 +22,8 @@ from resadapt.data.embedded import (
     background,
     detail_question,
     draw_card_video,
-    presence_question,
     render,
+    which_question,
 )
 from resadapt.data.sample import LoadedSample
 from resadapt.sft import (
@@ -88,9 +88,9 @@ def test_crop_example_drops_only_questions_about_cards_it_cut_away():
     cards = [red, blue, green]
     turns = [
         (detail_question("red"), "7"),
-        (presence_question("purple"), "no"),  # never shown: still true in any crop
-        (presence_question("blue"), "yes"),  # cut away with its cell
-        (presence_question("green"), "yes"),
+        (which_question("purple", "red"), "red"),  # purple is never shown: still true in any crop
+        (which_question("blue", "yellow"), "blue"),  # blue is cut away with its cell
+        (which_question("orange", "green"), "green"),
     ]
     frames = render(cards, background(rng, SPEC.frame_size, SPEC.num_frames))
     crop = crop_example(Example(frames, cards, turns, SPEC.fps, [0, 1]), rng, cells=1)
@@ -234,11 +234,17 @@ def test_split_examples_workers_do_not_repeat_each_other(tmp_path):
 def test_chance_is_the_majority_answer_of_the_samples():
     from resadapt.calibration import chance_levels
 
-    def sample(task, answer):
-        row = {"id": answer, "task": task, "answer": answer, "media_type": "image"}
+    def sample(task, answer, options=()):
+        row = {"id": answer, "task": task, "answer": answer, "media_type": "image", "options": list(options)}
         return LoadedSample(row, np.zeros((28, 28, 3), np.uint8), [0], 0.0, np.array([True]))
 
     samples = [sample("multi_frame", a) for a in ("9", "9", "7", "5")]
     samples += [sample("detail_qa", a) for a in "0123456789"] + [sample("grounding", "1.0-2.0")]
+    # two options, the answer first in 3 of 4: always picking the first option beats any fixed answer
+    coarse = [("red", "blue"), ("red", "yellow"), ("blue", "green"), ("pink", "green")]
+    samples += [
+        sample("coarse_qa", a, opts) for a, opts in zip(["red", "red", "blue", "green"], coarse, strict=True)
+    ]
     chance = chance_levels(samples)
     assert chance["multi_frame"] == 0.5 and chance["detail_qa"] == 0.1 and np.isnan(chance["grounding"])
+    assert chance["coarse_qa"] == 0.75

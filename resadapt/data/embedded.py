@@ -21,11 +21,13 @@ Tasks (all with the same row schema as the real benchmark loaders):
   blue card?" -> the larger digit (chance 1/9 for distinct digits with a uniform guess); two evidence chunks.
 - ``grounding``: "When is the digit on the red card shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
 - ``image_qa``: a single image with several cards, detail question as above.
-- ``coarse_qa``: "Is there a red card?" -> "yes" / "no" (balanced, chance 50%), asked about the first
-  `coarse_questions` card videos of a split, a second question on the same video as its ``detail_qa`` one:
-  answerable from the coloured borders alone, at low resolution, so a query-aware allocator can spend little
-  on it, and the backbone learns from the pair that the question, not the video, decides what to answer.
-  Evidence: the asked card's frames ("yes"), none ("no").
+- ``coarse_qa``: "Which card is shown, the red card or the blue card?" -> "red" (one of the two is shown,
+  first or second named equally often: chance 50%), asked about the first `coarse_questions` card videos of
+  a split, a second question on the same video as its ``detail_qa`` one: answerable from the coloured borders
+  alone, at low resolution, so a query-aware allocator can spend little on it, and the backbone learns from
+  the pair that the question, not the video, decides what to answer. Evidence: the shown card's frames.
+  (A yes/no "Is there a red card?" was tried first: the tiny backbone answered it with the majority answer
+  at every scale, 0.50, since telling absence needs more than finding the matching card.)
 - ``long_video``: like ``detail_qa`` on a long video whose cards are visible only briefly, for frame scaling.
 """
 
@@ -288,8 +290,8 @@ def compare_question(a: str, b: str) -> str:
     return f"Which is larger, the digit on the {a} card or on the {b} card?"
 
 
-def presence_question(colour: str) -> str:
-    return f"Is there a {colour} card?"
+def which_question(a: str, b: str) -> str:
+    return f"Which card is shown, the {a} card or the {b} card?"
 
 
 def grounding_question(colour: str) -> str:
@@ -403,20 +405,28 @@ def _draw_item(job: tuple) -> list[dict]:
         )
     rows = [asdict(row)]
     if coarse:
-        rows.append(asdict(_presence_row(rng, f"{vid}-coarse", path, cards, i % 2 == 0, meta)))
+        rows.append(asdict(_which_row(rng, f"{vid}-coarse", path, cards, i % 2 == 0, meta)))
     return rows
 
 
-def _presence_row(rng: np.random.Generator, vid: str, path: str, cards: list[Card], shown: bool, meta: dict):
-    """A coarse_qa row about a video's cards: a shown card's colour ("yes") or a colour not shown ("no")."""
-    if shown:
-        asked = cards[int(rng.integers(len(cards)))]
-        colour, answer, evidence = asked.colour, "yes", list(asked.frames)
-    else:
-        absent = sorted(set(COLOURS) - {c.colour for c in cards})
-        colour, answer, evidence = str(rng.choice(absent)), "no", []
+def _which_row(
+    rng: np.random.Generator, vid: str, path: str, cards: list[Card], shown_first: bool, meta: dict
+):
+    """A coarse_qa row: one shown card's colour and one colour the video never shows, the shown one named
+    first or second as `shown_first` says."""
+    shown = cards[int(rng.integers(len(cards)))]
+    absent = str(rng.choice(sorted(set(COLOURS) - {c.colour for c in cards})))
+    options = [shown.colour, absent] if shown_first else [absent, shown.colour]
     return Sample(
-        vid, "coarse_qa", "video", path, presence_question(colour), answer, evidence_frames=evidence, **meta
+        vid,
+        "coarse_qa",
+        "video",
+        path,
+        which_question(*options),
+        shown.colour,
+        options=options,
+        evidence_frames=list(shown.frames),
+        **meta,
     )
 
 
