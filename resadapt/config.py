@@ -117,8 +117,8 @@ class DataParams(_Section):
             )
         if self.cards_per_video > 5 and any(s.coarse_questions for s in self.splits.values()):
             raise ValueError(
-                f"data.cards_per_video ({self.cards_per_video}) leaves no colour absent for coarse_qa's 'no' "
-                "questions (6 colours); use at most 5, or coarse_questions: 0"
+                f"data.cards_per_video ({self.cards_per_video}) leaves no colour unshown for coarse_qa to name "
+                "beside a shown one (6 colours); use at most 5, or coarse_questions: 0"
             )
         missing = {"train", "val", "test"} - set(self.splits)
         if missing:
@@ -175,9 +175,8 @@ class SFTParams(_Section):
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
-    p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = (
-        0.15  # share of SFT videos shown uniformly downscaled
-    )
+    # share of SFT videos shown at one uniform scale (teaches reading the large glyphs there)
+    p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
     vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     clip: Annotated[float, Field(gt=0.0)] = 1.0
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None  # opt-in wall-clock cap per phase

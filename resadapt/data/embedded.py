@@ -4,8 +4,8 @@ Every video shows a few *cards*: a coloured border (visible at coarse resolution
 the card) around a glyph drawn at one of `glyph_sizes` pixel scales (2: 6x10 px with 2-px strokes, 3: 9x15,
 4: 12x20). A glyph stays readable while its strokes keep about 2 px (`READABLE_STROKE_PX`), so a size-2
 glyph needs full resolution, a size-4 one survives a 0.5 downscale: uniform downscaling loses the cards one
-size at a time, the graded degradation real benchmarks show, instead of everything at the first step. The card the question names carries
-a digit; the other cards carry letters drawn with the same font and the same amount of ink, so at coarse
+size at a time, the graded degradation real benchmarks show, instead of everything at the first step. The
+card the question names carries a digit; the other cards carry letters drawn with the same font and the same amount of ink, so at coarse
 resolution all cards look alike and only the question's colour says where the digit is. Each card fills
 exactly one 28x28 token cell of the full-resolution frame, which lets the generator label every visual
 token (used to pre-train the tiny backbone's vision tower, like a real MLLM's pretrained encoder).

@@ -1,0 +1,51 @@
+"""What the trained backbone answers where the calibration says it fails (README, Backbone calibration).
+
+    python scripts/probe_backbone.py [--n 60]
+
+Prints, on the test split: the (prediction, answer) counts of coarse_qa at full resolution, and for detail_qa
+at uniform scales 0.5 and 0.75 the prediction counts and the accuracy by the asked card's glyph size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+
+from resadapt.backbone import TransformersBackend, load_backbone
+from resadapt.budget import VisionGeometry
+from resadapt.calibration import calibrate
+from resadapt.config import load_params
+from resadapt.data.embedded import cards_from_json
+from resadapt.stages.backbone import calibration_samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--n", type=int, default=60, help="samples per task")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    params = load_params(args.params)
+    model, processor = load_backbone(params.backbone.path)
+    samples = calibration_samples(params, "test")
+    backend = TransformersBackend(model, processor, 12, 16)
+    geom = VisionGeometry.from_processor(processor)
+    s_min = params.budget.s_min
+    coarse = [s for s in samples if s.row["task"] == "coarse_qa"][: args.n]
+    if coarse:
+        df = calibrate(backend, coarse, ["full"], geom, s_min)
+        print(f"coarse_qa at full resolution, {len(df)} questions, (prediction, answer):")
+        print(Counter(zip(df.prediction, df.answer, strict=True)).most_common(12))
+    detail = [s for s in samples if s.row["task"] == "detail_qa"][: args.n]
+    df = calibrate(backend, detail, ["uniform_0.5", "uniform_0.75"], geom, s_min)
+    sizes = {s.row["id"]: cards_from_json(s.row["cards"])[0].size for s in detail}
+    df["glyph_size"] = df["id"].map(sizes)
+    for cond, part in df.groupby("condition"):
+        print(f"detail_qa {cond}, {len(part)} videos, predictions:", Counter(part.prediction).most_common(6))
+    print(df.groupby(["condition", "glyph_size"]).score.agg(["mean", "size"]))
+
+
+if __name__ == "__main__":
+    main()
