@@ -1,9 +1,10 @@
 """What the trained backbone answers where the calibration says it fails (README, Backbone calibration).
 
-    python scripts/probe_backbone.py [--n 60]
+    python scripts/probe_backbone.py [--split val] [--n 60] [--scales 0.5 0.625 0.75]
 
-Prints, on the test split: the (prediction, answer) counts of coarse_qa at full resolution, and for detail_qa
-at uniform scales 0.5 and 0.75 the prediction counts and the accuracy by the asked card's glyph size.
+Prints, on one split (val by default: a backbone recipe is chosen there, the calibration reads test): the
+(prediction, answer) counts of coarse_qa at full resolution, and for detail_qa at full resolution and at
+uniform scales the prediction counts and the accuracy by the asked card's glyph size.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from resadapt.stages.backbone import calibration_samples
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--split", default="val")
     ap.add_argument("--n", type=int, default=60, help="samples per task")
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.625, 0.75], help="uniform scales")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = load_params(args.params)
     model, processor = load_backbone(params.backbone.path)
-    samples = calibration_samples(params, "test")
+    samples = calibration_samples(params, args.split)
     backend = TransformersBackend(model, processor, 12, 16)
     geom = VisionGeometry.from_processor(processor)
     s_min = params.budget.s_min
@@ -39,7 +42,7 @@ def main() -> None:
         print(f"coarse_qa at full resolution, {len(df)} questions, (prediction, answer):")
         print(Counter(zip(df.prediction, df.answer, strict=True)).most_common(12))
     detail = [s for s in samples if s.row["task"] == "detail_qa"][: args.n]
-    df = calibrate(backend, detail, ["uniform_0.5", "uniform_0.75"], geom, s_min)
+    df = calibrate(backend, detail, ["full"] + [f"uniform_{s:g}" for s in args.scales], geom, s_min)
     sizes = {s.row["id"]: cards_from_json(s.row["cards"])[0].size for s in detail}
     df["glyph_size"] = df["id"].map(sizes)
     for cond, part in df.groupby("condition"):

@@ -384,7 +384,8 @@ def test_the_coarse_task_holds_resadapt_to_fixed_scale_and_compares_its_spend(tm
     bar = checks["bars"]["ge_fixed_scale_minus_2_points"]
     assert bar["reference"] == "fixed_scale@0.1"
     assert bar["difference"] == pytest.approx(0.5 - 0.25 + 0.02)
-    assert checks["detail_qa_retention"] == 0.146 and checks["spends_less_than_on_detail_qa"]
+    assert checks["detail_task"] == "detail_qa" and checks["detail_retention"] == 0.146
+    assert checks["spends_less_than_detail"]
     lines = SE.check_lines({"coarse_qa": checks})
     assert any("spends less than on detail_qa (14.6%): yes" in line for line in lines), lines
 

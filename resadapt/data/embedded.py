@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = ("detail_qa", "multi_frame", "grounding", "image_qa", "long_video", "coarse_qa")
 CELL = 28  # one merged visual token of Qwen2.5-VL at full resolution
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -96,6 +95,11 @@ class Card:
     def readable_at(self, scale: float) -> bool:
         """Whether the glyph's strokes keep `READABLE_STROKE_PX` at resize `scale` (1 = full resolution)."""
         return scale * self.size >= READABLE_STROKE_PX - 1e-9
+
+    @property
+    def readable_floor(self) -> float:
+        """The smallest resize scale at which the glyph stays readable (`readable_at`), at most 1."""
+        return min(1.0, READABLE_STROKE_PX / self.size)
 
     @property
     def digit(self) -> int | None:

@@ -354,8 +354,9 @@ def coarse_checks(
     detail = frontier(df, detail_task, frames)
     detail_own = detail[(detail.method == "resadapt") & (detail.R == "own")]
     if not detail_own.empty:
-        out[f"{detail_task}_retention"] = float(detail_own.retention.iloc[0])
-        out[f"spends_less_than_on_{detail_task}"] = bool(r.retention < detail_own.retention.iloc[0])
+        out["detail_task"] = detail_task
+        out["detail_retention"] = float(detail_own.retention.iloc[0])
+        out["spends_less_than_detail"] = bool(r.retention < detail_own.retention.iloc[0])
     return out
 
 
@@ -668,6 +669,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _bar_text(name: str, bar: dict) -> str:
+    verdict = (
+        "holds at the CI low end"
+        if bar["holds_at_ci_low"]
+        else ("holds at the point estimate only" if bar["holds"] else "missed")
+    )
+    return (
+        f"{name.replace('_', ' ')} (vs {bar['reference']}): margin {_pct(bar['difference'])} points "
+        f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {verdict}"
+    )
+
+
 def check_lines(metrics: dict) -> list[str]:
     """The bars in words: each with its measured difference, 95% interval and whether it holds at the
     interval's lower end (paired bootstrap over the same test samples)."""
@@ -678,37 +691,18 @@ def check_lines(metrics: dict) -> list[str]:
             f"{key} on detail QA: {_pct(r['accuracy'])}% [{_pct(r['ci'][0])}, {_pct(r['ci'][1])}] at retention "
             f"{_pct(r['retention'])}%"
         )
-        parts = []
-        for name, bar in r["bars"].items():
-            verdict = (
-                "holds at the CI low end"
-                if bar["holds_at_ci_low"]
-                else ("holds at the point estimate only" if bar["holds"] else "missed")
-            )
-            parts.append(
-                f"{name.replace('_', ' ')} (vs {bar['reference']}): margin {_pct(bar['difference'])} points "
-                f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {verdict}"
-            )
-        lines.append(head + "; " + "; ".join(parts))
+        lines.append(head + "; " + "; ".join(_bar_text(name, bar) for name, bar in r["bars"].items()))
     coarse = metrics.get("coarse_qa") or {}
     if coarse:
-        bars = "; ".join(
-            f"{name.replace('_', ' ')} (vs {bar['reference']}): margin {_pct(bar['difference'])} points "
-            f"[{_pct(bar['ci'][0])}, {_pct(bar['ci'][1])}], {'holds' if bar['holds_at_ci_low'] else 'missed'} "
-            "at the CI low end"
-            for name, bar in coarse["bars"].items()
-        )
-        spend = next((k for k in coarse if k.startswith("spends_less_than_on_")), None)
+        parts = [_bar_text(name, bar) for name, bar in coarse["bars"].items()]
+        if "detail_task" in coarse:
+            parts.append(
+                f"spends less than on {coarse['detail_task']} ({_pct(coarse['detail_retention'])}%): "
+                + ("yes" if coarse["spends_less_than_detail"] else "no")
+            )
         lines.append(
             f"resadapt@own on {coarse['task']}: {_pct(coarse['accuracy'])}% [{_pct(coarse['ci'][0])}, "
-            f"{_pct(coarse['ci'][1])}] at retention {_pct(coarse['retention'])}%; {bars}"
-            + (
-                f"; spends less than on {spend.removeprefix('spends_less_than_on_')} "
-                f"({_pct(coarse[spend.replace('spends_less_than_on_', '') + '_retention'])}%): "
-                + ("yes" if coarse[spend] else "no")
-                if spend
-                else ""
-            )
+            f"{_pct(coarse['ci'][1])}] at retention {_pct(coarse['retention'])}%; " + "; ".join(parts)
         )
     bound = metrics.get("oracle_bound") or {}
     if bound:
