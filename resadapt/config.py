@@ -167,16 +167,14 @@ class SFTParams(_Section):
 
     dense_steps: Annotated[int, Field(ge=0)] = 339
     crop_steps: Annotated[int, Field(ge=0)] = 1009
-    sft_steps: Annotated[int, Field(ge=0)] = 800
+    sft_steps: Annotated[int, Field(ge=0)] = 523
     dense_batch: PositiveInt = 16
     crop_batch: PositiveInt = 16
     sft_batch: PositiveInt = 4
     dense_lr: Annotated[float, Field(gt=0.0)] = 3e-3
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
-    p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
-    # share of the other evidence chunks shown downscaled but still readable (sft.chunk_scales_for)
-    p_readable: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
+    p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85
     # share of SFT videos shown at one uniform scale (teaches reading the large glyphs there)
     p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
     vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1

@@ -58,34 +58,20 @@ def chunk_scales_for(
     rng: np.random.Generator,
     s_min: float,
     p_full: float,
-    p_readable: float,
     p_uniform: float,
     tp: int = 2,
 ):
-    """Random per-chunk scales for one training video.
-
-    With probability `p_uniform` the whole video at one scale in [s_min, 1] (how uniform downscaling shows
-    it). Otherwise each evidence chunk is at full resolution with probability `p_full`, else with probability
-    `p_readable` at a scale in [readable floor of its digit cards, 1]: downscaled yet readable, so the answer
-    stays learnable there and full resolution does not by itself mark where the evidence is. Every other
-    chunk is anywhere in [s_min, 1] (30% at full).
-    """
+    """Random per-chunk scales: with probability `p_uniform` the whole video at one scale in [s_min, 1] (how
+    uniform downscaling shows it: the large glyphs stay readable, so the model learns to read them there);
+    otherwise evidence chunks at full resolution with probability `p_full`, others anywhere (30% at full)."""
     n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
     if rng.random() < p_uniform:
         return [float(rng.uniform(s_min, 1.0))] * n_chunks
     evidence = {f // tp for f in example.evidence_frames}
     scales = []
     for k in range(n_chunks):
-        is_evidence = k in evidence or example.is_image
-        if is_evidence and rng.random() < p_full:
+        if (k in evidence or example.is_image) and rng.random() < p_full:
             scales.append(1.0)
-        elif is_evidence and rng.random() < p_readable:
-            floors = [
-                c.readable_floor
-                for c in example.cards
-                if c.digit is not None and (example.is_image or any(f // tp == k for f in c.frames))
-            ]
-            scales.append(float(rng.uniform(max(floors, default=s_min), 1.0)))
         elif rng.random() < 0.3:
             scales.append(1.0)
         else:
@@ -339,7 +325,7 @@ def train_backbone(
             g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
         # short crop views: every card at full detail with little background, so a step is cheap
         exs = take(schedule.dense_batch, 1.0)
-        scales = [chunk_scales_for(e, rng, s_min, p_full=0.5, p_readable=0.0, p_uniform=0.0) for e in exs]
+        scales = [chunk_scales_for(e, rng, s_min, p_full=0.5, p_uniform=0.0) for e in exs]
         pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng)
         loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
         opt.zero_grad()
@@ -369,10 +355,7 @@ def train_backbone(
             warm = min(1.0, (step + 1) / 20)
             g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         exs = take(batch_size, crop_prob)
-        scales = [
-            chunk_scales_for(e, rng, s_min, schedule.p_full, schedule.p_readable, schedule.p_uniform)
-            for e in exs
-        ]
+        scales = [chunk_scales_for(e, rng, s_min, schedule.p_full, schedule.p_uniform) for e in exs]
         batch, dense = conversation_inputs(processor, exs, scales)
         capture.take()
         loss = model(**batch).loss

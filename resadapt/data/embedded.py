@@ -97,11 +97,6 @@ class Card:
         return scale * self.size >= READABLE_STROKE_PX - 1e-9
 
     @property
-    def readable_floor(self) -> float:
-        """The smallest resize scale at which the glyph stays readable (`readable_at`), at most 1."""
-        return min(1.0, READABLE_STROKE_PX / self.size)
-
-    @property
     def digit(self) -> int | None:
         return int(self.glyph) if self.glyph.isdigit() else None
 
