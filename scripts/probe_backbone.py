@@ -3,8 +3,9 @@
     python scripts/probe_backbone.py [--split val] [--n 60] [--scales 0.5 0.625 0.75]
 
 Prints, on one split (val by default: a backbone recipe is chosen there, the calibration reads test): the
-(prediction, answer) counts of coarse_qa at full resolution, and for detail_qa at full resolution and at
-uniform scales the prediction counts and the accuracy by the asked card's glyph size.
+(prediction, answer) counts of coarse_qa at full resolution; for detail_qa at full resolution and at
+uniform scales the prediction counts and the accuracy by the asked card's glyph size; and detail_qa with only
+the evidence chunks at each scale and every other chunk at full resolution (does reading or finding fail?).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+import numpy as np
 import torch
 
 from resadapt.backbone import TransformersBackend, load_backbone
-from resadapt.budget import VisionGeometry
-from resadapt.calibration import calibrate
+from resadapt.budget import VisionGeometry, realise
+from resadapt.calibration import calibrate, score
 from resadapt.config import load_params
 from resadapt.data.embedded import cards_from_json
 from resadapt.stages.backbone import calibration_samples
@@ -48,6 +50,20 @@ def main() -> None:
     for cond, part in df.groupby("condition"):
         print(f"detail_qa {cond}, {len(part)} videos, predictions:", Counter(part.prediction).most_common(6))
     print(df.groupby(["condition", "glyph_size"]).score.agg(["mean", "size"]))
+    tp = geom.temporal_patch_size
+    for scale in args.scales:
+        visuals = []
+        for s in detail:
+            evidence = np.repeat(s.chunk_evidence(tp), tp)[: len(s.frames)]
+            visuals.append(realise(s, np.where(evidence, scale, 1.0), geom).visual)
+        gens = backend.generate(visuals, [s.row["question"] for s in detail])
+        acc = np.mean(
+            [
+                score("detail_qa", g.text, s.row["answer"], s.row["options"], s.row["answer_span"])
+                for g, s in zip(gens, detail, strict=True)
+            ]
+        )
+        print(f"detail_qa, evidence chunks at {scale:g} and the rest at full: accuracy {acc:.2f}")
 
 
 if __name__ == "__main__":

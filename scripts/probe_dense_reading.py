@@ -37,7 +37,10 @@ def main() -> None:
     p = load_params(args.params)
     s_min, lr, batch = p.budget.s_min, p.backbone.sft.dense_lr, p.backbone.sft.dense_batch
     spec = TinyBackboneSpec(
-        **p.backbone.tiny.model_dump(), min_pixels=p.budget.min_pixels, max_pixels=p.budget.max_pixels, seed=p.seed
+        **p.backbone.tiny.model_dump(),
+        min_pixels=p.budget.min_pixels,
+        max_pixels=p.budget.max_pixels,
+        seed=p.seed,
     )
     model, proc = build_tiny_backbone(spec)
     ds = load_benchmark(p.data.root)
@@ -45,7 +48,9 @@ def main() -> None:
     torch.manual_seed(0)
     train = split_examples(list(ds["train"]), p.data.root, p.data.num_frames)(rng, args.crop_prob)
     head = DenseHead(model, proc.tokenizer)
-    vis = list(model.model.visual.parameters()) + [q for n, q in head.named_parameters() if n != "embed.weight"]
+    vis = list(model.model.visual.parameters()) + [
+        q for n, q in head.named_parameters() if n != "embed.weight"
+    ]
     opt = torch.optim.AdamW(vis + [head.embed.weight], lr=lr, weight_decay=0.0)
     t0 = time.time()
     for step in range(args.steps):
@@ -67,7 +72,9 @@ def main() -> None:
     print(f"{args.steps} dense steps in {time.time() - t0:.0f} s")
     model.eval()
     for view in (1.0, 0.0):
-        val = split_examples(list(ds["val"]), p.data.root, p.data.num_frames, workers=0)(np.random.default_rng(1), view)
+        val = split_examples(list(ds["val"]), p.data.root, p.data.num_frames, workers=0)(
+            np.random.default_rng(1), view
+        )
         exs = [e for e in (next(val) for _ in range(80)) if e.task in ("detail_qa", "multi_frame")][:40]
         with torch.no_grad():
             for s in (1.0, 0.75, 0.625, 0.5):
