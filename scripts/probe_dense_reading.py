@@ -15,6 +15,7 @@ A crop view (3x3 cells, 84 px) is realised at 56 px for all three downscales: on
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -60,7 +61,8 @@ def main() -> None:
         scales = []
         for e in exs:
             if args.uniform_share > 0 and rng.random() < args.uniform_share:
-                scales.append([float(rng.uniform(0.4, 1.0))] * 8)
+                n_chunks = 1 if e.is_image else math.ceil(len(e.frames) / 2)
+                scales.append([float(rng.uniform(0.4, 1.0))] * n_chunks)
             else:
                 scales.append(chunk_scales_for(e, rng, s_min, p_full=0.5, p_uniform=0.0))
         pv, grid, ld, lc = dense_batch(exs, scales, proc, rng=rng)
@@ -78,7 +80,7 @@ def main() -> None:
         exs = [e for e in (next(val) for _ in range(80)) if e.task in ("detail_qa", "multi_frame")][:40]
         with torch.no_grad():
             for s in (1.0, 0.75, 0.625, 0.5):
-                pv, grid, ld, lc = dense_batch(exs, [[s] * 32 for _ in exs], proc)
+                pv, grid, ld, lc = dense_batch(exs, [[s] * math.ceil(len(e.frames) / 2) for e in exs], proc)
                 d, c = head(video_features(model, pv, grid))
                 m = ld != NO_DIGIT
                 card = lc != len(COLOURS)
