@@ -9,6 +9,9 @@ resolution, uniform scaling and anti-Oracle near chance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
@@ -42,25 +45,42 @@ def chance_levels(samples: list[LoadedSample]) -> dict[str, float]:
     return out
 
 
-def condition_scales(name: str, sample: LoadedSample, s_min: float, tp: int) -> np.ndarray:
-    """Per-frame scales for a named calibration condition ('full', 'uniform_0.35', 'oracle', 'anti_oracle')."""
-    n = 1 if sample.is_image else len(sample.frames)
-    if name == "full":
-        return np.ones(n)
-    if name.startswith("uniform_"):
-        return np.full(n, float(name.removeprefix("uniform_")))
-    ev = np.array([True]) if sample.is_image else np.repeat(sample.chunk_evidence(tp), tp)[:n]
-    if name == "oracle":
-        return np.where(ev, 1.0, s_min)
-    if name == "anti_oracle":
-        return np.where(ev, s_min, 1.0)
-    raise ValueError(f"unknown calibration condition {name!r}")
+@dataclass(frozen=True)
+class Condition:
+    """How a calibration condition scales every frame: `full`, `uniform` at `scale`, `oracle` (evidence
+    chunks at full resolution, the rest at s_min) or `anti_oracle` (the reverse). `name` labels it in the
+    log and in `metrics/backbone.json`."""
+
+    kind: Literal["full", "uniform", "oracle", "anti_oracle"]
+    scale: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("full", "uniform", "oracle", "anti_oracle"):
+            raise ValueError(f"unknown calibration condition kind {self.kind!r}")
+        if (self.kind == "uniform") != (self.scale is not None):
+            raise ValueError(f"calibration condition {self.kind!r}: a scale is given exactly for 'uniform'")
+        if self.scale is not None and not 0.0 < self.scale <= 1.0:
+            raise ValueError(f"calibration condition uniform: scale {self.scale} is not in (0, 1]")
+
+    @property
+    def name(self) -> str:
+        return f"uniform_{self.scale:g}" if self.kind == "uniform" else self.kind
+
+    def scales(self, sample: LoadedSample, s_min: float, tp: int) -> np.ndarray:
+        """Per-frame scales of `sample` under this condition."""
+        n = 1 if sample.is_image else len(sample.frames)
+        if self.kind == "full":
+            return np.ones(n)
+        if self.kind == "uniform":
+            return np.full(n, self.scale)
+        ev = np.array([True]) if sample.is_image else np.repeat(sample.chunk_evidence(tp), tp)[:n]
+        return np.where(ev, 1.0, s_min) if self.kind == "oracle" else np.where(ev, s_min, 1.0)
 
 
 def calibrate(
     backend,
     samples: list[LoadedSample],
-    conditions: list[str],
+    conditions: list[Condition],
     geom: VisionGeometry,
     s_min: float,
 ) -> pd.DataFrame:
@@ -70,7 +90,7 @@ def calibrate(
     for cond in conditions:
         visuals, meta = [], []
         for s in samples:
-            r = realise(s, condition_scales(cond, s, s_min, tp), geom)
+            r = realise(s, cond.scales(s, s_min, tp), geom)
             visuals.append(r.visual)
             meta.append((s, r.tokens, r.reference_tokens))
         gens = backend.generate(visuals, [s.row["question"] for s in samples])
@@ -80,7 +100,8 @@ def calibrate(
                 {
                     "id": r["id"],
                     "task": r["task"],
-                    "condition": cond,
+                    "condition": cond.name,
+                    "kind": cond.kind,
                     "prediction": g.text,
                     "answer": r["answer"],
                     "score": score(r["task"], g.text, r["answer"], r["options"], r["answer_span"]),
@@ -96,7 +117,7 @@ def calibrate(
 def summarise(df: pd.DataFrame, chance: dict[str, float]) -> pd.DataFrame:
     """Accuracy (mean score) and mean measured retention per task and condition, with the chance level."""
     out = df.groupby(["task", "condition"], sort=False).agg(
-        accuracy=("score", "mean"), retention=("retention", "mean"), n=("score", "size")
+        kind=("kind", "first"), accuracy=("score", "mean"), retention=("retention", "mean"), n=("score", "size")
     )
     out = out.reset_index()
     out["chance"] = out["task"].map(chance)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from resadapt.backbone import VisualInput, build_messages, chunk_metadata
 from resadapt.budget import VisionGeometry, resize_video
 from resadapt.config import SFTParams
-from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card, token_labels
+from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card
 
 
 @dataclass
@@ -87,32 +87,30 @@ def resize_chunks(frames: np.ndarray, scales: list[float], processor, tp: int = 
 
 
 def chunk_token_labels(cards: list[Card], first_frame: int, size: tuple[int, int], base: int):
-    """Labels of the merged tokens of one chunk at its processed size.
+    """Labels of the merged tokens of one chunk at its processed size (h, w), from `base`-px square frames.
 
-    A token is labelled with the card whose cell falls inside its footprint on the full-resolution grid
-    (colour always; digit only while that card's glyph is readable at the chunk's scale, `Card.readable_at`:
-    a size-2 glyph at full resolution only, a size-4 one down to half).
+    A card's labels go to the token holding the card's centre, where its glyph is drawn: colour always,
+    digit only while the glyph is readable at the chunk's scale (`Card.readable_at`: a size-2 glyph at full
+    resolution only, a size-4 one down to half). At a scale whose tokens do not align with the cards (0.75:
+    a card is 21 px, tokens 28) the centre is the only faithful rule: a token named by the card cell's
+    footprint on the full-resolution grid can hold none of the glyph. Below half resolution several cards
+    can share a token; the first in `cards` keeps it.
     """
-    grid = base // CELL
-    digit, colour = token_labels(cards, first_frame, grid)
-    scale = min(size) / base
-    readable = np.zeros((grid, grid), dtype=bool)
-    for card in cards:
-        if first_frame in card.frames and card.readable_at(scale):
-            readable[card.row, card.col] = True
     gh, gw = size[0] // CELL, size[1] // CELL
+    scale = min(size) / base
+    names = list(COLOURS)
     d = np.full((gh, gw), NO_DIGIT, dtype=np.int64)
     c = np.full((gh, gw), len(COLOURS), dtype=np.int64)
-    for i in range(gh):
-        r0, r1 = i * grid // gh, max(i * grid // gh + 1, (i + 1) * grid // gh)
-        for j in range(gw):
-            c0, c1 = j * grid // gw, max(j * grid // gw + 1, (j + 1) * grid // gw)
-            cols = colour[r0:r1, c0:c1]
-            hit = np.flatnonzero(cols.reshape(-1) != len(COLOURS))
-            if hit.size:
-                c[i, j] = cols.reshape(-1)[hit[0]]
-                if readable[r0:r1, c0:c1].reshape(-1)[hit[0]]:
-                    d[i, j] = digit[r0:r1, c0:c1].reshape(-1)[hit[0]]
+    for card in cards:
+        if first_frame not in card.frames:
+            continue
+        i = min(gh - 1, int((card.row + 0.5) * CELL * gh / base))
+        j = min(gw - 1, int((card.col + 0.5) * CELL * gw / base))
+        if c[i, j] != len(COLOURS):
+            continue
+        c[i, j] = names.index(card.colour)
+        if card.digit is not None and card.readable_at(scale):
+            d[i, j] = card.digit
     return d.reshape(-1), c.reshape(-1)
 
 
@@ -145,16 +143,35 @@ def video_features(model, pixel_values_videos, video_grid_thw):
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
+def window_chunk(chunk: np.ndarray, d: np.ndarray, col: np.ndarray, window: int, rng: np.random.Generator):
+    """Crop an already resized chunk to `window` x `window` merged tokens around a random card token.
+
+    Cropping after the resize keeps where glyphs fall on the token grid at that scale (a crop taken before
+    the resize is realised at one aligned size for every scale), at a fraction of a full frame's cost.
+    """
+    gh, gw = chunk.shape[1] // CELL, chunk.shape[2] // CELL
+    d, col = d.reshape(gh, gw), col.reshape(gh, gw)
+    cards = np.argwhere(col != len(COLOURS))
+    i, j = cards[rng.integers(len(cards))] if len(cards) else (rng.integers(gh), rng.integers(gw))
+    wh, ww = min(window, gh), min(window, gw)
+    r0 = int(np.clip(i - rng.integers(0, wh), 0, gh - wh))
+    c0 = int(np.clip(j - rng.integers(0, ww), 0, gw - ww))
+    crop = chunk[:, r0 * CELL : (r0 + wh) * CELL, c0 * CELL : (c0 + ww) * CELL]
+    return crop, d[r0 : r0 + wh, c0 : c0 + ww].reshape(-1), col[r0 : r0 + wh, c0 : c0 + ww].reshape(-1)
+
+
 def dense_batch(
     examples: list[Example],
     scales: list[list[float]],
     processor,
     tp: int = 2,
     rng: np.random.Generator | None = None,
+    window: int | None = None,
 ):
     """Pixel values, grids and token labels for the chunks of a batch of videos.
 
-    With `rng`, chunks without any card are kept only one time in five (they teach little).
+    With `rng`, chunks without any card are kept only one time in five (they teach little), and with
+    `window` every chunk is cropped to that many tokens a side after its resize (`window_chunk`).
     """
     chunks, labels_d, labels_c = [], [], []
     for ex, sc in zip(examples, scales, strict=True):
@@ -164,6 +181,8 @@ def dense_batch(
             d, col = chunk_token_labels(ex.cards, k * tp, size, frames.shape[1])
             if rng is not None and (col == len(COLOURS)).all() and rng.random() > 0.2:
                 continue
+            if rng is not None and window is not None:
+                c, d, col = window_chunk(c, d, col, window, rng)
             chunks.append(c)
             labels_d.append(d)
             labels_c.append(col)

@@ -33,10 +33,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=339)
     ap.add_argument("--uniform-share", type=float, default=0.0)
     ap.add_argument("--crop-prob", type=float, default=1.0)
+    ap.add_argument("--window", type=int, default=None, help="crop chunks to this many tokens after resize")
+    ap.add_argument("--scale-floor", type=float, default=None, help="chunks at full or uniform in [floor, 1]")
+    ap.add_argument("--batch", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     p = load_params(args.params)
-    s_min, lr, batch = p.budget.s_min, p.backbone.sft.dense_lr, p.backbone.sft.dense_batch
+    s_min, lr, batch = p.budget.s_min, p.backbone.sft.dense_lr, args.batch or p.backbone.sft.dense_batch
     spec = TinyBackboneSpec(
         **p.backbone.tiny.model_dump(),
         min_pixels=p.budget.min_pixels,
@@ -60,26 +63,31 @@ def main() -> None:
         exs = [next(train) for _ in range(batch)]
         scales = []
         for e in exs:
-            if args.uniform_share > 0 and rng.random() < args.uniform_share:
+            if args.scale_floor is not None:
+                n_chunks = 1 if e.is_image else math.ceil(len(e.frames) / 2)
+                scales.append(
+                    [1.0 if rng.random() < 0.25 else float(rng.uniform(args.scale_floor, 1.0)) for _ in range(n_chunks)]
+                )
+            elif args.uniform_share > 0 and rng.random() < args.uniform_share:
                 n_chunks = 1 if e.is_image else math.ceil(len(e.frames) / 2)
                 scales.append([float(rng.uniform(0.4, 1.0))] * n_chunks)
             else:
                 scales.append(chunk_scales_for(e, rng, s_min, p_full=0.5, p_uniform=0.0))
-        pv, grid, ld, lc = dense_batch(exs, scales, proc, rng=rng)
+        pv, grid, ld, lc = dense_batch(exs, scales, proc, rng=rng, window=args.window)
         loss, _ = dense_loss(head, video_features(model, pv, grid), ld, lc)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vis, 1.0)
         opt.step()
-    print(f"{args.steps} dense steps in {time.time() - t0:.0f} s")
     model.eval()
+    print(f"{args.steps} dense steps in {time.time() - t0:.0f} s", flush=True)
     for view in (1.0, 0.0):
         val = split_examples(list(ds["val"]), p.data.root, p.data.num_frames, workers=0)(
             np.random.default_rng(1), view
         )
         exs = [e for e in (next(val) for _ in range(80)) if e.task in ("detail_qa", "multi_frame")][:40]
         with torch.no_grad():
-            for s in (1.0, 0.75, 0.625, 0.5):
+            for s in (1.0, 0.875, 0.75, 0.625, 0.5):
                 pv, grid, ld, lc = dense_batch(exs, [[s] * math.ceil(len(e.frames) / 2) for e in exs], proc)
                 d, c = head(video_features(model, pv, grid))
                 m = ld != NO_DIGIT

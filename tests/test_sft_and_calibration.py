@@ -10,8 +10,8 @@ import torch
 from conftest import SMALL_BACKBONE as SMALL
 
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
-from resadapt.budget import VisionGeometry, realise
-from resadapt.calibration import condition_scales
+from resadapt.budget import VisionGeometry, realise, resize_video
+from resadapt.calibration import Condition
 from resadapt.config import SFTParams
 from resadapt.data.embedded import (
     CELL,
@@ -21,6 +21,7 @@ from resadapt.data.embedded import (
     Card,
     background,
     detail_question,
+    draw_card,
     draw_card_video,
     render,
     which_question,
@@ -55,6 +56,24 @@ def test_chunk_token_labels_follow_the_card_when_downscaled():
     d, c = chunk_token_labels([card], 0, (56, 56), 112)  # 2x2 tokens: the card is a quarter token
     assert (d == NO_DIGIT).all(), "a card shrunk below half a token is no longer readable"
     assert c.reshape(2, 2)[1, 0] == 0, "but its colour still marks the token"
+
+
+def test_chunk_token_labels_go_to_the_token_that_holds_the_glyph():
+    """At 0.75 a 224-px frame has 6 tokens a side for 8 card cells: cell 2 (px 56-84, centre 70) is drawn at
+    px 42-63 after the resize, mostly in token 1 (px 28-56 holds its centre 52.5), which the footprint rule
+    (cells 2-3 -> token 2) missed."""
+    card = Card("red", "7", row=2, col=6, frames=(0, 1), size=4)
+    d, c = chunk_token_labels([card], 0, (168, 168), 224)
+    assert d.reshape(6, 6)[1, 4] == 7 and (d != NO_DIGIT).sum() == 1  # col 6: centre 182 -> 136.5 px, token 4
+    assert c.reshape(6, 6)[1, 4] == 0 and (c != len(COLOURS)).sum() == 1
+    frames = np.full((2, 224, 224, 3), 128, dtype=np.uint8)
+    draw_card(frames[0], card)
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
+    small = resize_video(frames, np.full(2, 0.75), geom).chunks[0][0]
+    ink = np.argwhere(small.max(-1) < 80)  # the glyph's black strokes
+    assert len(ink) > 20
+    in_token = (ink // CELL == [1, 4]).all(1).mean()
+    assert in_token > 0.7, f"the labelled token holds {in_token:.0%} of the glyph"
 
 
 def test_chunk_token_labels_are_graded_by_glyph_size():
@@ -188,13 +207,19 @@ def _sample(evidence: list[bool]) -> LoadedSample:
 def test_oracle_and_anti_oracle_are_complementary_per_chunk():
     s = _sample([False, False, False, True, False, False])  # evidence in chunk 1 (frames 2-3)
     assert s.chunk_evidence(2).tolist() == [False, True, False]
-    oracle = condition_scales("oracle", s, 0.25, 2)
-    anti = condition_scales("anti_oracle", s, 0.25, 2)
+    oracle = Condition("oracle").scales(s, 0.25, 2)
+    anti = Condition("anti_oracle").scales(s, 0.25, 2)
     assert oracle.tolist() == [0.25, 0.25, 1, 1, 0.25, 0.25]
     assert anti.tolist() == [1, 1, 0.25, 0.25, 1, 1]
-    assert condition_scales("uniform_0.5", s, 0.25, 2).tolist() == [0.5] * 6
-    with pytest.raises(ValueError, match="unknown calibration condition"):
-        condition_scales("magic", s, 0.25, 2)
+    uniform = Condition("uniform", 0.5)
+    assert uniform.scales(s, 0.25, 2).tolist() == [0.5] * 6
+    assert uniform.name == "uniform_0.5"
+    with pytest.raises(ValueError, match="unknown calibration condition kind 'magic'"):
+        Condition("magic")
+    with pytest.raises(ValueError, match="a scale is given exactly for 'uniform'"):
+        Condition("uniform")
+    with pytest.raises(ValueError, match="a scale is given exactly for 'uniform'"):
+        Condition("oracle", 0.5)
 
 
 def test_realised_conditions_measure_retention_from_tokens():
@@ -202,7 +227,7 @@ def test_realised_conditions_measure_retention_from_tokens():
         min_pixels=28 * 28, max_pixels=224 * 224, image_min_pixels=28 * 28, image_max_pixels=224 * 224
     )
     s = _sample([True, True, False, False])
-    r = realise(s, condition_scales("oracle", s, 0.5, 2), geom)
+    r = realise(s, Condition("oracle").scales(s, 0.5, 2), geom)
     visual, tokens, ref = r.visual, r.tokens, r.reference_tokens
     assert ref == 2 * 4  # two chunks of 2x2 tokens at 56 px
     assert tokens == 4 + 1  # evidence chunk full, the other at 28 px

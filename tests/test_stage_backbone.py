@@ -40,14 +40,22 @@ def _table(full, low, oracle, anti, low_retention=0.14, upper=(0.3, 0.5, 0.7), t
     ]
     return pd.DataFrame(
         [
-            {"task": task, "condition": c, "accuracy": a, "retention": r, "n": 150, "chance": chance}
+            {
+                "task": task,
+                "condition": c,
+                "kind": "uniform" if c.startswith("uniform_") else c,
+                "accuracy": a,
+                "retention": r,
+                "n": 150,
+                "chance": chance,
+            }
             for c, a, r in rows
         ]
     )
 
 
 def test_conditions_follow_params():
-    assert calibration_conditions(_params()) == [
+    assert [c.name for c in calibration_conditions(_params())] == [
         "full",
         "uniform_0.25",
         "uniform_0.35",
@@ -151,6 +159,6 @@ def test_calibration_log_does_not_depend_on_the_number_of_processes(tmp_path, ti
         per_sample, table = calibrate_backbone(parse_params(data), model, processor)
         logs[workers] = per_sample.drop(columns="seconds")
     conditions = calibration_conditions(parse_params(data))
-    assert list(logs[1].condition.unique()) == conditions
+    assert list(logs[1].condition.unique()) == [c.name for c in conditions]
     assert len(logs[1]) == len(conditions) * logs[1].id.nunique() > len(conditions)
     pd.testing.assert_frame_equal(logs[1], logs[2])

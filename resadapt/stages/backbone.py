@@ -20,7 +20,7 @@ from resadapt.backbone import (
     write_pointer,
 )
 from resadapt.budget import VisionGeometry, realise, resize_video
-from resadapt.calibration import calibrate, chance_levels, condition_scales, summarise
+from resadapt.calibration import Condition, calibrate, chance_levels, summarise
 from resadapt.config import Params
 from resadapt.data.embedded import load_benchmark
 from resadapt.data.sample import load_sample
@@ -47,14 +47,7 @@ def backbone_stage(params: Params):
         model, processor = load_backbone(params.backbone.checkpoint)
         write_pointer(out, params.backbone.checkpoint)
         return model, processor, pd.DataFrame()
-    tiny = params.backbone.tiny
-    spec = TinyBackboneSpec(
-        **tiny.model_dump(),
-        min_pixels=params.budget.min_pixels,
-        max_pixels=params.budget.max_pixels,
-        seed=params.seed,
-    )
-    model, processor = build_tiny_backbone(spec)
+    model, processor = build_tiny_backbone(tiny_spec(params))
     dataset = load_benchmark(params.data.root)
     examples = split_examples(list(dataset["train"]), params.data.root, params.data.num_frames)
     log: list[dict] = []
@@ -69,6 +62,16 @@ def backbone_stage(params: Params):
     return model, processor, pd.DataFrame(log)
 
 
+def tiny_spec(params: Params) -> TinyBackboneSpec:
+    """The tiny backbone `backbone.tiny` describes, with the budget's pixel clamps and the run's seed."""
+    return TinyBackboneSpec(
+        **params.backbone.tiny.model_dump(),
+        min_pixels=params.budget.min_pixels,
+        max_pixels=params.budget.max_pixels,
+        seed=params.seed,
+    )
+
+
 def phase_summary(log: pd.DataFrame) -> dict:
     """Steps and seconds of each training phase (the steps are the params'; the seconds this machine's)."""
     if log.empty:
@@ -79,9 +82,9 @@ def phase_summary(log: pd.DataFrame) -> dict:
     }
 
 
-def calibration_conditions(params: Params) -> list[str]:
-    scales = [f"uniform_{s:g}" for s in params.backbone.calibration.scales]
-    return ["full", *scales, "oracle", "anti_oracle"]
+def calibration_conditions(params: Params) -> list[Condition]:
+    uniform = [Condition("uniform", s) for s in params.backbone.calibration.scales]
+    return [Condition("full"), *uniform, Condition("oracle"), Condition("anti_oracle")]
 
 
 def calibration_samples(params: Params, split: str = "test"):
@@ -116,18 +119,18 @@ def calibrate_backbone(params: Params, model, processor, split: str = "test"):
         with mp.get_context("spawn").Pool(workers) as pool:
             logs = pool.map(_calibration_job, [(params, split, share) for share in shares])
         by_condition = {c: log[log.condition == c] for log in logs for c in log.condition.unique()}
-        per_sample = pd.concat([by_condition[c] for c in conditions], ignore_index=True)
+        per_sample = pd.concat([by_condition[c.name] for c in conditions], ignore_index=True)
     return per_sample, summarise(per_sample, chance_levels(samples))
 
 
-def _calibrate(params: Params, model, processor, samples, conditions: list[str]) -> pd.DataFrame:
+def _calibrate(params: Params, model, processor, samples, conditions: list[Condition]) -> pd.DataFrame:
     gen = params.backbone.generation
     backend = TransformersBackend(model, processor, gen.max_new_tokens, gen.batch_size)
     geom = VisionGeometry.from_processor(processor)
     return calibrate(backend, samples, conditions, geom, params.budget.s_min)
 
 
-def _calibration_job(job: tuple[Params, str, list[str]]) -> pd.DataFrame:
+def _calibration_job(job: tuple[Params, str, list[Condition]]) -> pd.DataFrame:
     import torch
 
     params, split, conditions = job
@@ -136,14 +139,14 @@ def _calibration_job(job: tuple[Params, str, list[str]]) -> pd.DataFrame:
     return _calibrate(params, model, processor, calibration_samples(params, split), conditions)
 
 
-def _share_conditions(conditions, samples, geom, s_min: float, workers: int) -> list[list[str]]:
+def _share_conditions(conditions, samples, geom, s_min: float, workers: int) -> list[list[Condition]]:
     """Conditions dealt to `workers`, the dearest first to the least loaded (cost: visual tokens fed)."""
     tp = geom.temporal_patch_size
     cost = {
-        c: sum(realise(s, condition_scales(c, s, s_min, tp), geom).tokens for s in samples)
+        c: sum(realise(s, c.scales(s, s_min, tp), geom).tokens for s in samples)
         for c in conditions
     }
-    shares: list[list[str]] = [[] for _ in range(workers)]
+    shares: list[list[Condition]] = [[] for _ in range(workers)]
     load = [0.0] * workers
     for c in sorted(conditions, key=lambda c: -cost[c]):
         k = int(np.argmin(load))
@@ -167,7 +170,7 @@ def distinct_levels(accuracies, gap: float = LEVEL_GAP) -> list[float]:
 
 def _low_uniform(part: pd.DataFrame) -> pd.DataFrame:
     """The uniform condition whose measured retention is nearest the table's low budget (R about 0.135)."""
-    uniform = part[part.index.str.startswith("uniform_")]
+    uniform = part[part.kind == "uniform"]
     return uniform.iloc[(uniform.retention - 0.135).abs().argsort()[:1]]
 
 
@@ -189,7 +192,7 @@ def calibration_metrics(
     if part.empty:
         return metrics
     chance = float(part["chance"].iloc[0])
-    uniform = part[part.index.str.startswith("uniform_")]
+    uniform = part[part.kind == "uniform"]
     low = _low_uniform(part)
     full = float(part.loc["full", "accuracy"])
     oracle = part.loc["oracle"]
@@ -261,12 +264,12 @@ def plot_calibration(table: pd.DataFrame):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.1 * len(tasks), 3.2), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         part = table[table.task == task]
-        curve = part[part.condition.str.startswith("uniform_") | (part.condition == "full")].sort_values(
+        curve = part[part.kind.isin(["uniform", "full"])].sort_values(
             "retention"
         )
         ax.plot(curve.retention, curve.accuracy, "o-", label="uniform scale")
         for cond, marker in (("oracle", "*"), ("anti_oracle", "X")):
-            point = part[part.condition == cond]
+            point = part[part.kind == cond]
             ax.plot(point.retention, point.accuracy, marker, markersize=11, label=cond.replace("_", "-"))
         chance = float(part["chance"].iloc[0])
         if not np.isnan(chance):
