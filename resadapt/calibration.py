@@ -117,7 +117,10 @@ def calibrate(
 def summarise(df: pd.DataFrame, chance: dict[str, float]) -> pd.DataFrame:
     """Accuracy (mean score) and mean measured retention per task and condition, with the chance level."""
     out = df.groupby(["task", "condition"], sort=False).agg(
-        kind=("kind", "first"), accuracy=("score", "mean"), retention=("retention", "mean"), n=("score", "size")
+        kind=("kind", "first"),
+        accuracy=("score", "mean"),
+        retention=("retention", "mean"),
+        n=("score", "size"),
     )
     out = out.reset_index()
     out["chance"] = out["task"].map(chance)

@@ -165,13 +165,18 @@ class SFTParams(_Section):
     on any machine; the learning-rate schedules follow step / steps. `time_limit_minutes` is an opt-in
     wall-clock cap per phase (a phase it stops is no longer reproducible elsewhere; the log says so)."""
 
-    dense_steps: Annotated[int, Field(ge=0)] = 339
+    dense_steps: Annotated[int, Field(ge=0)] = 600
     crop_steps: Annotated[int, Field(ge=0)] = 1009
     sft_steps: Annotated[int, Field(ge=0)] = 523
     dense_batch: PositiveInt = 16
     crop_batch: PositiveInt = 16
     sft_batch: PositiveInt = 4
     dense_lr: Annotated[float, Field(gt=0.0)] = 3e-3
+    # dense phase: chunks at full resolution or uniform in [dense_scale_floor, 1], cropped after the resize
+    # to dense_window tokens a side around a card (null: whole frames)
+    dense_scale_floor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.45
+    dense_window: PositiveInt | None = 2
+    dense_views: PositiveInt = 2  # views of each decoded video per dense step, each at its own scales
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85

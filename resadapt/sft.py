@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from resadapt.backbone import VisualInput, build_messages, chunk_metadata
-from resadapt.budget import VisionGeometry, resize_video
+from resadapt.budget import VisionGeometry, resize_video, scaled_size
 from resadapt.config import SFTParams
 from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card
 
@@ -173,14 +173,17 @@ def dense_batch(
     With `rng`, chunks without any card are kept only one time in five (they teach little), and with
     `window` every chunk is cropped to that many tokens a side after its resize (`window_chunk`).
     """
+    geom = VisionGeometry.from_processor(processor)
     chunks, labels_d, labels_c = [], [], []
     for ex, sc in zip(examples, scales, strict=True):
         frames = ex.frames[None] if ex.is_image else ex.frames
-        cs, sizes = resize_chunks(frames, sc, processor, tp)
-        for k, (c, size) in enumerate(zip(cs, sizes, strict=True)):
+        for k, s in enumerate(sc):
+            size = scaled_size(frames.shape[1], frames.shape[2], s, geom)
             d, col = chunk_token_labels(ex.cards, k * tp, size, frames.shape[1])
             if rng is not None and (col == len(COLOURS)).all() and rng.random() > 0.2:
                 continue
+            part = frames[k * tp : (k + 1) * tp]
+            c = resize_video(part, np.full(len(part), s), geom).chunks[0]  # only the chunks kept
             if rng is not None and window is not None:
                 c, d, col = window_chunk(c, d, col, window, rng)
             chunks.append(c)
@@ -307,6 +310,47 @@ def _loop(name, steps, time_limit_minutes, step_fn, log: Callable[[dict], None] 
     return steps
 
 
+def dense_scales_for(example: Example, rng: np.random.Generator, floor: float, tp: int = 2) -> list[float]:
+    """Dense-phase chunk scales: full resolution one time in four, else uniform in [floor, 1], each chunk
+    its own, so the tower meets every realised size and every way glyphs fall on its token grid there."""
+    n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
+    return [1.0 if rng.random() < 0.25 else float(rng.uniform(floor, 1.0)) for _ in range(n_chunks)]
+
+
+def dense_phase(
+    model,
+    head: DenseHead,
+    processor,
+    take: Callable[[int], list[Example]],
+    schedule: SFTParams,
+    rng: np.random.Generator,
+    log: Callable[[dict], None] | None = None,
+) -> int:
+    """Stage 1 of the recipe: the vision tower (and `head`) learn to read with the dense token loss, on
+    full videos at `dense_scales_for` scales, each chunk cropped after its resize to `dense_window` tokens
+    a side around a card (cheap, and glyphs stay where that scale puts them); every decoded video is shown
+    `dense_views` times at fresh scales (decoding costs more than a view). Returns the steps run."""
+    vis_params = list(model.model.visual.parameters()) + [
+        p for n, p in head.named_parameters() if n != "embed.weight"
+    ]
+    opt = torch.optim.AdamW(vis_params + [head.embed.weight], lr=schedule.dense_lr, weight_decay=0.0)
+
+    def dense_step(step, frac):
+        for g in opt.param_groups:
+            g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
+        exs = take(schedule.dense_batch) * schedule.dense_views
+        scales = [dense_scales_for(e, rng, schedule.dense_scale_floor) for e in exs]
+        pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng, window=schedule.dense_window)
+        loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+        opt.step()
+        return {"loss": round(loss.item(), 4), "card_digit_acc": round(acc, 3)}
+
+    return _loop("dense", schedule.dense_steps, schedule.time_limit_minutes, dense_step, log)
+
+
 def train_backbone(
     model,
     processor,
@@ -334,26 +378,7 @@ def train_backbone(
         return [next(streams[crop_prob]) for _ in range(n)]
 
     model.train()
-    vis_params = list(model.model.visual.parameters()) + [
-        p for n, p in head.named_parameters() if n != "embed.weight"
-    ]
-    opt = torch.optim.AdamW(vis_params + [head.embed.weight], lr=schedule.dense_lr, weight_decay=0.0)
-
-    def dense_step(step, frac):
-        for g in opt.param_groups:
-            g["lr"] = schedule.dense_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
-        # short crop views: every card at full detail with little background, so a step is cheap
-        exs = take(schedule.dense_batch, 1.0)
-        scales = [chunk_scales_for(e, rng, s_min, p_full=0.5, p_uniform=0.0) for e in exs]
-        pv, grid, ld, lc = dense_batch(exs, scales, processor, rng=rng)
-        loss, acc = dense_loss(head, video_features(model, pv, grid), ld, lc)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
-        opt.step()
-        return {"loss": round(loss.item(), 4), "card_digit_acc": round(acc, 3)}
-
-    _loop("dense", schedule.dense_steps, schedule.time_limit_minutes, dense_step, log)
+    dense_phase(model, head, processor, take, schedule, rng, log)
 
     vision = list(model.model.visual.parameters())
     vision_ids = {id(p) for p in vision}

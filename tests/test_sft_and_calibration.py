@@ -35,6 +35,7 @@ from resadapt.sft import (
     conversation_inputs,
     crop_example,
     train_backbone,
+    window_chunk,
 )
 
 SPEC = BenchmarkSpec(frame_size=112, num_frames=8)
@@ -84,6 +85,24 @@ def test_chunk_token_labels_are_graded_by_glyph_size():
     assert d.reshape(2, 2)[0, 0] == NO_DIGIT, "a size-2 glyph does not"
     d, _ = chunk_token_labels([small, large], 0, (84, 84), 112)  # 0.75: sizes 3 and 4 readable
     assert sorted(d[d != NO_DIGIT].tolist()) == [3]
+
+
+def test_window_chunk_crops_pixels_and_labels_together_around_a_card():
+    card = Card("blue", "4", row=5, col=2, frames=(0, 1), size=4)
+    frames = np.full((2, 224, 224, 3), 128, dtype=np.uint8)
+    draw_card(frames[0], card)
+    draw_card(frames[1], card)
+    geom = VisionGeometry(min_pixels=28 * 28, max_pixels=224 * 224)
+    chunk = resize_video(frames, np.full(2, 0.75), geom).chunks[0]
+    d, c = chunk_token_labels([card], 0, chunk.shape[1:3], 224)
+    for seed in range(20):
+        crop, cd, cc = window_chunk(chunk, d, c, 2, np.random.default_rng(seed))
+        assert crop.shape == (2, 56, 56, 3) and cd.tolist().count(4) == 1 and len(cc) == 4
+        k = cd.tolist().index(4)
+        token = crop[0, k // 2 * CELL : (k // 2 + 1) * CELL, k % 2 * CELL : (k % 2 + 1) * CELL]
+        assert (token.max(-1) < 80).sum() > 20, "the labelled token of the crop holds the glyph"
+    crop, cd, _ = window_chunk(chunk, d, c, 9, np.random.default_rng(0))
+    assert crop.shape == chunk.shape and (cd == d).all(), "a window larger than the chunk keeps all of it"
 
 
 def test_chunk_scales_put_evidence_at_full_or_show_the_video_at_one_scale():

@@ -142,10 +142,7 @@ def _calibration_job(job: tuple[Params, str, list[Condition]]) -> pd.DataFrame:
 def _share_conditions(conditions, samples, geom, s_min: float, workers: int) -> list[list[Condition]]:
     """Conditions dealt to `workers`, the dearest first to the least loaded (cost: visual tokens fed)."""
     tp = geom.temporal_patch_size
-    cost = {
-        c: sum(realise(s, c.scales(s, s_min, tp), geom).tokens for s in samples)
-        for c in conditions
-    }
+    cost = {c: sum(realise(s, c.scales(s, s_min, tp), geom).tokens for s in samples) for c in conditions}
     shares: list[list[Condition]] = [[] for _ in range(workers)]
     load = [0.0] * workers
     for c in sorted(conditions, key=lambda c: -cost[c]):
@@ -264,9 +261,7 @@ def plot_calibration(table: pd.DataFrame):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.1 * len(tasks), 3.2), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         part = table[table.task == task]
-        curve = part[part.kind.isin(["uniform", "full"])].sort_values(
-            "retention"
-        )
+        curve = part[part.kind.isin(["uniform", "full"])].sort_values("retention")
         ax.plot(curve.retention, curve.accuracy, "o-", label="uniform scale")
         for cond, marker in (("oracle", "*"), ("anti_oracle", "X")):
             point = part[part.kind == cond]
