@@ -18,7 +18,7 @@ import torch
 
 from resadapt.backbone import TransformersBackend, load_backbone
 from resadapt.budget import VisionGeometry, realise
-from resadapt.calibration import calibrate, score
+from resadapt.calibration import Condition, calibrate, score
 from resadapt.config import load_params
 from resadapt.data.embedded import cards_from_json
 from resadapt.stages.backbone import calibration_samples
@@ -40,11 +40,12 @@ def main() -> None:
     s_min = params.budget.s_min
     coarse = [s for s in samples if s.row["task"] == "coarse_qa"][: args.n]
     if coarse:
-        df = calibrate(backend, coarse, ["full"], geom, s_min)
+        df = calibrate(backend, coarse, [Condition("full")], geom, s_min)
         print(f"coarse_qa at full resolution, {len(df)} questions, (prediction, answer):")
         print(Counter(zip(df.prediction, df.answer, strict=True)).most_common(12))
     detail = [s for s in samples if s.row["task"] == "detail_qa"][: args.n]
-    df = calibrate(backend, detail, ["full"] + [f"uniform_{s:g}" for s in args.scales], geom, s_min)
+    conditions = [Condition("full")] + [Condition("uniform", s) for s in args.scales]
+    df = calibrate(backend, detail, conditions, geom, s_min)
     sizes = {s.row["id"]: cards_from_json(s.row["cards"])[0].size for s in detail}
     df["glyph_size"] = df["id"].map(sizes)
     for cond, part in df.groupby("condition"):
