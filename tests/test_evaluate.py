@@ -404,6 +404,21 @@ def test_a_method_above_the_oracle_beyond_its_interval_is_flagged(tmp_path):
     assert [(f["method"], f["R"]) for f in bound["flags"]] == [("fixed_scale", "0.1")]
 
 
+def test_seed_means_equal_to_the_oracles_score_are_not_flagged(tmp_path):
+    """Three seeds' IoU 0.1 average to 0.10000000000000002, above the Oracle's 0.1 by float rounding only."""
+    rows = [
+        log_row("main", "grounding", 16, method, 0.1, f"s{i}", 0.1, 0.1, seed=seed)
+        for i in range(4)
+        for method, seeds in (("oracle", (None,)), ("resadapt_hard", (0, 1, 2)))
+        for seed in seeds
+    ]
+    df = E.read_results(_write(tmp_path, rows))
+    a, b = SE._paired(SE._with_labels(SE.seed_mean(df)), ("resadapt_hard", "0.1"), ("oracle", "0.1"))
+    assert (a > b).all(), "the rounding this test is about"
+    bound = SE.oracle_bound_checks(df)
+    assert bound["comparisons"] == 1 and bound["holds"], bound
+
+
 def test_lmms_eval_layout(tmp_path):
     from resadapt.lmms_eval import write_lmms_eval
 
