@@ -3,7 +3,7 @@ evidence (and uniformly downscaled videos) drawn with probability READABLE from 
 [2 px / glyph size, 1] instead of [s_min, 1]; run with `p_uniform` 0.3 in a copy of params.yaml whose
 `backbone.path` points elsewhere:
 
-    python docs/runs/backbone_variant6.py PARAMS 0.75
+    python docs/runs/backbone_variant6.py PARAMS 0.75     # variant 7: the same with p_uniform 0.5, dense_weight 1.0
     python scripts/probe_backbone.py --params PARAMS            # docs/runs/backbone_variant6_val.txt
     python scripts/probe_dense_reading.py --params PARAMS --backbone BACKBONE_PATH
 """
