@@ -1,6 +1,6 @@
 """What the trained backbone answers where the calibration says it fails (README, Backbone calibration).
 
-    python scripts/probe_backbone.py [--split val] [--n 60] [--scales 0.5 0.625 0.75]
+    python scripts/probe_backbone.py [--split val] [--n 60] [--scales 0.5 0.625 0.75] [--backbone PATH]
 
 Prints, on one split (val by default: a backbone recipe is chosen there, the calibration reads test): the
 (prediction, answer) counts of coarse_qa at full resolution; for detail_qa at full resolution and at
@@ -27,13 +27,14 @@ from resadapt.stages.backbone import calibration_samples
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--backbone", help="a trained backbone folder (default: backbone.path)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--n", type=int, default=60, help="samples per task")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.625, 0.75], help="uniform scales")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = load_params(args.params)
-    model, processor = load_backbone(params.backbone.path)
+    model, processor = load_backbone(args.backbone or params.backbone.path)
     samples = calibration_samples(params, args.split)
     backend = TransformersBackend(model, processor, 12, 16)
     geom = VisionGeometry.from_processor(processor)

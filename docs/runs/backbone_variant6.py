@@ -19,7 +19,7 @@ from resadapt.config import load_params
 from resadapt.data.embedded import READABLE_STROKE_PX
 from resadapt.stages import backbone as stage
 
-READABLE = float(sys.argv[2]) if len(sys.argv) > 2 else 0.75
+READABLE = float(sys.argv[2]) if __name__ == "__main__" and len(sys.argv) > 2 else 0.75
 
 
 def chunk_scales_for(example, rng, s_min, p_full, p_uniform, tp=2):
@@ -48,10 +48,11 @@ def chunk_scales_for(example, rng, s_min, p_full, p_uniform, tp=2):
     return scales
 
 
-sft.chunk_scales_for = chunk_scales_for
-torch.set_num_threads(2)
-p = load_params(sys.argv[1])
-t0 = time.time()
-model, proc, log = stage.backbone_stage(p)
-log.to_csv(sys.argv[1] + ".training.csv", index=False)
-print("trained in", round(time.time() - t0), "s", flush=True)
+if __name__ == "__main__":
+    sft.chunk_scales_for = chunk_scales_for
+    torch.set_num_threads(2)
+    p = load_params(sys.argv[1])
+    t0 = time.time()
+    model, proc, log = stage.backbone_stage(p)
+    log.to_csv(sys.argv[1] + ".training.csv", index=False)
+    print("trained in", round(time.time() - t0), "s", flush=True)
