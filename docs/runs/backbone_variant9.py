@@ -131,7 +131,9 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = g["lr_scale"] * schedule.sft_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * (1 - frac))
         exs = [next(stream) for _ in range(schedule.sft_batch)]
-        scales = [chunk_scales_for(e, rng, params.budget.s_min, schedule.p_full, schedule.p_uniform) for e in exs]
+        scales = [
+            chunk_scales_for(e, rng, params.budget.s_min, schedule.p_full, schedule.p_uniform) for e in exs
+        ]
         batch, dense = sft.conversation_inputs(processor, exs, scales)
         capture.take()
         out = model(**batch, output_hidden_states=mode == "lm")
