@@ -9,7 +9,7 @@ one extra loss, MODE:
   resolution (the tower's own, without gradient), so a downscaled card looks to the LM like a full one.
 
     PYTHONPATH=docs/runs python docs/runs/backbone_variant9.py SOURCE OUT MODE [STEPS] [WEIGHT] [LAYER] \\
-        [--dense-steps N] [--vision-lr-scale S]
+        [--dense-steps N] [--vision-lr-scale S] [--lr LR] [--threads N]
     python scripts/probe_backbone.py --backbone OUT          # docs/runs/backbone_variant9_val.txt
     python scripts/probe_dense_reading.py --backbone OUT
 """
@@ -93,12 +93,14 @@ def main() -> None:
     ap.add_argument("layer", type=int, nargs="?", default=1)
     ap.add_argument("--dense-steps", type=int, default=0, help="whole-frame dense steps (one view) first")
     ap.add_argument("--vision-lr-scale", type=float, help="backbone.sft.vision_lr_scale of the SFT steps")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak rate of the SFT steps (backbone.sft.sft_lr)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     mode, steps, weight, layer = args.mode, args.steps, args.weight, args.layer
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     params = load_params("params.yaml")
     model, processor = load_backbone(args.source)
-    update = {"sft_lr": 1e-3, "p_uniform": 0.3, "dense_steps": args.dense_steps, "dense_window": None}
+    update = {"sft_lr": args.lr, "p_uniform": 0.3, "dense_steps": args.dense_steps, "dense_window": None}
     update |= {"dense_views": 1} | ({"vision_lr_scale": args.vision_lr_scale} if args.vision_lr_scale else {})
     schedule = params.backbone.sft.model_copy(update=update)
     rows = list(load_benchmark(params.data.root)["train"])
