@@ -165,8 +165,8 @@ class SFTParams(_Section):
     on any machine; the learning-rate schedules follow step / steps. `time_limit_minutes` is an opt-in
     wall-clock cap per phase (a phase it stops is no longer reproducible elsewhere; the log says so)."""
 
-    dense_steps: Annotated[int, Field(ge=0)] = 600
-    crop_steps: Annotated[int, Field(ge=0)] = 1009
+    dense_steps: Annotated[int, Field(ge=0)] = 2000
+    crop_steps: Annotated[int, Field(ge=0)] = 500
     sft_steps: Annotated[int, Field(ge=0)] = 523
     dense_batch: PositiveInt = 16
     crop_batch: PositiveInt = 16
@@ -180,8 +180,14 @@ class SFTParams(_Section):
     sft_lr: Annotated[float, Field(gt=0.0)] = 2e-3
     dense_weight: Annotated[float, Field(ge=0.0)] = 0.2
     p_full: Annotated[float, Field(ge=0.0, le=1.0)] = 0.85
-    # share of SFT videos shown at one uniform scale (teaches reading the large glyphs there)
-    p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
+    # share of videos shown at one uniform scale (teaches reading the large glyphs there): SFT, crop phase
+    p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    crop_p_uniform: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
+    # SFT phase: share of downscaled evidence drawn from the asked glyph's readable range (`chunk_scales_for`)
+    readable_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.75
+    # SFT phase: dense token loss also on the language model's hidden state after `lm_dense_layer` layers
+    lm_dense_weight: Annotated[float, Field(ge=0.0)] = 0.5
+    lm_dense_layer: PositiveInt = 1
     vision_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     clip: Annotated[float, Field(gt=0.0)] = 1.0
     time_limit_minutes: Annotated[float, Field(gt=0.0)] | None = None  # opt-in wall-clock cap per phase
@@ -210,6 +216,15 @@ class BackboneParams(_Section):
     sft: SFTParams = SFTParams()
     calibration: CalibrationParams = CalibrationParams()
     generation: GenerationParams = GenerationParams()
+
+    @model_validator(mode="after")
+    def _lm_layer_exists(self) -> BackboneParams:
+        if self.sft.lm_dense_layer > self.tiny.num_hidden_layers:
+            raise ValueError(
+                f"backbone.sft.lm_dense_layer ({self.sft.lm_dense_layer}) exceeds "
+                f"backbone.tiny.num_hidden_layers ({self.tiny.num_hidden_layers})"
+            )
+        return self
 
 
 Objective = Literal["capo", "no_cost", "lagrangian"]

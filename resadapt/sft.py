@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from resadapt.backbone import VisualInput, build_messages, chunk_metadata
 from resadapt.budget import VisionGeometry, resize_video, scaled_size
 from resadapt.config import SFTParams
-from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, Card
+from resadapt.data.embedded import CELL, COLOURS, NO_DIGIT, READABLE_STROKE_PX, Card
 
 
 @dataclass
@@ -60,13 +60,27 @@ def chunk_scales_for(
     p_full: float,
     p_uniform: float,
     tp: int = 2,
+    readable_share: float = 0.0,
 ):
-    """Random per-chunk scales: with probability `p_uniform` the whole video at one scale in [s_min, 1] (how
-    uniform downscaling shows it: the large glyphs stay readable, so the model learns to read them there);
-    otherwise evidence chunks at full resolution with probability `p_full`, others anywhere (30% at full)."""
+    """Random per-chunk scales: with probability `p_uniform` the whole video at one scale (how uniform
+    downscaling shows it: the large glyphs stay readable, so the model learns to read them there); otherwise
+    evidence chunks at full resolution with probability `p_full`, others anywhere (30% at full).
+
+    Downscaled evidence (and the uniform scale) lies in [s_min, 1], or with probability `readable_share` in
+    the asked glyph's readable range [READABLE_STROKE_PX / its size, 1], so the model meets the scales where
+    reading is possible often enough to learn it there. With `readable_share` 0 no extra draw is taken.
+    """
     n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
+    ev_frames = set(example.evidence_frames)
+    sizes = [c.size for c in example.cards if ev_frames & set(c.frames)]
+    floor = min(1.0, READABLE_STROKE_PX / max(sizes)) if sizes else s_min
+
+    def draw():
+        lo = floor if readable_share and rng.random() < readable_share else s_min
+        return float(rng.uniform(lo, 1.0))
+
     if rng.random() < p_uniform:
-        return [float(rng.uniform(s_min, 1.0))] * n_chunks
+        return [draw()] * n_chunks
     evidence = {f // tp for f in example.evidence_frames}
     scales = []
     for k in range(n_chunks):
@@ -74,6 +88,8 @@ def chunk_scales_for(
             scales.append(1.0)
         elif rng.random() < 0.3:
             scales.append(1.0)
+        elif k in evidence:
+            scales.append(draw())
         else:
             scales.append(float(rng.uniform(s_min, 1.0)))
     return scales
@@ -370,6 +386,9 @@ def train_backbone(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     head = DenseHead(model, processor.tokenizer)
+    # the SFT phase's language-side reader: its own head on the LM's hidden state at every visual token
+    lm_head = DenseHead(model, processor.tokenizer) if schedule.lm_dense_weight > 0 else None
+    token_ids = {"image": model.config.image_token_id, "video": model.config.video_token_id}
     streams = {}
 
     def take(n, crop_prob=0.0):
@@ -383,7 +402,8 @@ def train_backbone(
     vision = list(model.model.visual.parameters())
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
-    rest += [p for n, p in head.named_parameters() if n != "embed.weight"]
+    for h in (head, lm_head) if lm_head is not None else (head,):
+        rest += [p for n, p in h.named_parameters() if n != "embed.weight"]
     params = vision + rest
     # the vision tower is already a reader after stage 1: a smaller rate keeps SFT from wrecking it
     opt = torch.optim.AdamW(
@@ -394,24 +414,40 @@ def train_backbone(
 
     capture = VisualCapture(model)
 
-    def sft_step(step, frac, crop_prob=0.0, batch_size=schedule.sft_batch, lr=schedule.sft_lr):
+    def sft_step(step, frac, crop=False):
         for g in opt.param_groups:
             warm = min(1.0, (step + 1) / 20)
-            g["lr"] = g["lr_scale"] * lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        exs = take(batch_size, crop_prob)
-        scales = [chunk_scales_for(e, rng, s_min, schedule.p_full, schedule.p_uniform) for e in exs]
+            g["lr"] = (
+                g["lr_scale"] * schedule.sft_lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            )
+        exs = take(schedule.crop_batch, 1.0) if crop else take(schedule.sft_batch)
+        # the crop curriculum keeps the plain sampler; the readable share and the LM-side loss are the SFT phase's
+        p_uniform, share = (
+            (schedule.crop_p_uniform, 0.0) if crop else (schedule.p_uniform, schedule.readable_share)
+        )
+        lm_weight = 0.0 if crop else schedule.lm_dense_weight
+        scales = [
+            chunk_scales_for(e, rng, s_min, schedule.p_full, p_uniform, readable_share=share) for e in exs
+        ]
         batch, dense = conversation_inputs(processor, exs, scales)
         capture.take()
-        loss = model(**batch).loss
+        out = model(**batch, output_hidden_states=lm_weight > 0)
+        loss = out.loss
         stats = {"lm_loss": round(loss.item(), 4)}
         feats = capture.take()
-        if schedule.dense_weight > 0:
-            # the model encodes images first, then videos (one vision call each)
-            order = [k for k in ("image", "video") if k in dense]
-            for kind, f in zip(order, feats, strict=True):
+        # the model encodes images first, then videos (one vision call each)
+        order = [k for k in ("image", "video") if k in dense]
+        for kind, f in zip(order, feats, strict=True):
+            if schedule.dense_weight > 0:
                 dl, acc = dense_loss(head, f, *dense[kind])
                 loss = loss + schedule.dense_weight * dl
                 stats[f"{kind}_card_digit_acc"] = round(acc, 3)
+            if lm_weight > 0:
+                # the digit a card token carries must survive into the language model, not only the tower
+                h = out.hidden_states[schedule.lm_dense_layer][batch["input_ids"] == token_ids[kind]]
+                hl, hacc = dense_loss(lm_head, h, *dense[kind])
+                loss = loss + lm_weight * hl
+                stats[f"{kind}_lm_card_digit_acc"] = round(hacc, 3)
         opt.zero_grad()
         loss.backward()
         stats["grad_norm"] = round(float(torch.nn.utils.clip_grad_norm_(params, schedule.clip)), 3)
@@ -419,7 +455,7 @@ def train_backbone(
         return stats
 
     def crop_step(step, frac):
-        return sft_step(step, frac, crop_prob=1.0, batch_size=schedule.crop_batch)
+        return sft_step(step, frac, crop=True)
 
     _loop("crop", schedule.crop_steps, schedule.time_limit_minutes, crop_step, log)
     _loop("sft", schedule.sft_steps, schedule.time_limit_minutes, sft_step, log)

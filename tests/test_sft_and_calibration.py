@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_BACKBONE as SMALL
+from pydantic import ValidationError
 
 from resadapt.backbone import TinyBackboneSpec, build_tiny_backbone
 from resadapt.budget import VisionGeometry, realise, resize_video
 from resadapt.calibration import Condition
-from resadapt.config import SFTParams
+from resadapt.config import BackboneParams, SFTParams
 from resadapt.data.embedded import (
     CELL,
     COLOURS,
@@ -118,6 +119,42 @@ def test_chunk_scales_put_evidence_at_full_or_show_the_video_at_one_scale():
     )
     same = chunk_scales_for(ex, np.random.default_rng(2), 0.125, p_full=1.0, p_uniform=1.0)
     assert len(set(same)) == 1, "a uniform draw shows the whole video at one scale"
+
+
+def test_readable_share_draws_downscaled_evidence_where_its_glyph_reads_and_zero_changes_nothing():
+    frames = np.zeros((8, 112, 112, 3), dtype=np.uint8)
+    card = Card("red", "7", row=1, col=1, frames=(2, 3), size=4)  # readable down to scale 0.5
+    ex = Example(frames, [card], [("q", "7")], 2.0, [2, 3])
+    rng = np.random.default_rng(0)
+    drawn = [chunk_scales_for(ex, rng, 0.125, 0.0, 1.0, readable_share=1.0)[1] for _ in range(200)]
+    assert min(drawn) >= 0.5 and max(drawn) <= 1.0
+    rng = np.random.default_rng(0)
+    drawn = [chunk_scales_for(ex, rng, 0.125, 0.0, 0.0, readable_share=0.5)[1] for _ in range(400)]
+    assert 0.1 < np.mean(np.array(drawn) < 0.5) < 0.4, "the other half anywhere in [s_min, 1]"
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(50):
+        assert chunk_scales_for(ex, a, 0.125, 0.5, 0.3, readable_share=0.0) == chunk_scales_for(
+            ex, b, 0.125, 0.5, 0.3
+        )
+    assert a.random() == b.random(), "share 0 takes no extra draw from the stream"
+
+
+def test_lm_dense_loss_trains_a_head_on_the_language_models_visual_tokens():
+    model, processor = build_tiny_backbone(TinyBackboneSpec(**SMALL))
+
+    def examples(rng, crop_prob):
+        while True:
+            yield _example(rng)
+
+    log = []
+    schedule = SFTParams(
+        dense_steps=0, crop_steps=1, sft_steps=2, crop_batch=2, sft_batch=2, lm_dense_weight=0.5
+    )
+    train_backbone(model, processor, examples, schedule, 0.125, 0, log.append)
+    assert all("video_lm_card_digit_acc" in r for r in log if r["stage"] == "sft")
+    assert not any("video_lm_card_digit_acc" in r for r in log if r["stage"] == "crop")
+    with pytest.raises(ValidationError, match="lm_dense_layer"):
+        BackboneParams(sft={"lm_dense_layer": 5}, tiny={"num_hidden_layers": 4})
 
 
 def test_crop_example_keeps_cards_and_questions_consistent():
