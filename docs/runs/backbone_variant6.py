@@ -8,7 +8,6 @@ evidence (and uniformly downscaled videos) drawn with probability READABLE from 
     python scripts/probe_dense_reading.py --params PARAMS --backbone BACKBONE_PATH
 """
 
-import math
 import sys
 import time
 
@@ -16,36 +15,17 @@ import torch
 
 import resadapt.sft as sft
 from resadapt.config import load_params
-from resadapt.data.embedded import READABLE_STROKE_PX
 from resadapt.stages import backbone as stage
 
 READABLE = float(sys.argv[2]) if __name__ == "__main__" and len(sys.argv) > 2 else 0.75
 
 
-def chunk_scales_for(example, rng, s_min, p_full, p_uniform, tp=2):
-    n_chunks = 1 if example.is_image else math.ceil(len(example.frames) / tp)
-    ev_frames = set(example.evidence_frames)
-    sizes = [c.size for c in example.cards if ev_frames & set(c.frames)]
-    floor = min(1.0, READABLE_STROKE_PX / max(sizes)) if sizes else s_min
+_library_sampler = sft.chunk_scales_for
 
-    def draw():
-        lo = floor if rng.random() < READABLE else s_min
-        return float(rng.uniform(lo, 1.0))
 
-    if rng.random() < p_uniform:
-        return [draw()] * n_chunks
-    evidence = {f // tp for f in example.evidence_frames}
-    scales = []
-    for k in range(n_chunks):
-        if (k in evidence or example.is_image) and rng.random() < p_full:
-            scales.append(1.0)
-        elif rng.random() < 0.3:
-            scales.append(1.0)
-        elif k in evidence:
-            scales.append(draw())
-        else:
-            scales.append(float(rng.uniform(s_min, 1.0)))
-    return scales
+def chunk_scales_for(example, rng, s_min, p_full, p_uniform, tp=2, readable_share=0.0):
+    """The library's sampler (`readable_share` moved there with variant 10) at READABLE in every phase."""
+    return _library_sampler(example, rng, s_min, p_full, p_uniform, tp, readable_share=READABLE)
 
 
 if __name__ == "__main__":

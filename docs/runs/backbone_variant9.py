@@ -20,7 +20,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from backbone_variant6 import chunk_scales_for
 
 import resadapt.sft as sft
 from resadapt.backbone import load_backbone, save_backbone
@@ -134,7 +133,10 @@ def main() -> None:
             g["lr"] = g["lr_scale"] * schedule.sft_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * (1 - frac))
         exs = [next(stream) for _ in range(schedule.sft_batch)]
         scales = [
-            chunk_scales_for(e, rng, params.budget.s_min, schedule.p_full, schedule.p_uniform) for e in exs
+            sft.chunk_scales_for(
+                e, rng, params.budget.s_min, schedule.p_full, schedule.p_uniform, readable_share=0.75
+            )
+            for e in exs
         ]
         batch, dense = sft.conversation_inputs(processor, exs, scales)
         capture.take()
