@@ -549,14 +549,16 @@ class CAPOTrainer(GRPOTrainer):
         metrics["time/generate"].append(t_generate)
         return output
 
-    def _engine_sample(self, batch, visuals, questions, samplings: list[Sampling]) -> list[list[int]]:
+    def _engine_sample(
+        self, batch, visuals, questions, samplings: list[Sampling], max_new_tokens: int | None = None
+    ) -> list[list[int]]:
         """Completion token ids from the rollout engine, `samplings[k].n` per prompt k, prompt-major.
 
         The engine must answer the prompt the loss forward sees: its prompt token ids are checked against the
         processor's for every request.
         """
         results = self.rollout_engine.sample(
-            visuals, questions, samplings, max_new_tokens=self.max_completion_length
+            visuals, questions, samplings, max_new_tokens=max_new_tokens or self.max_completion_length
         )
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         for k, r in enumerate(results):
@@ -871,8 +873,13 @@ class CAPOTrainer(GRPOTrainer):
         return metrics
 
     @torch.no_grad()
-    def greedy_scores(self, allocs: list[dict], batch_size: int = 16) -> list[float]:
-        """Greedy answer scores of {"row", "visual"} items with the (unwrapped) backbone or the rollout engine."""
+    def greedy_scores(
+        self, allocs: list[dict], batch_size: int = 16, max_new_tokens: int | None = None
+    ) -> list[float]:
+        """Greedy answer scores of {"row", "visual"} items with the (unwrapped) backbone or the rollout engine,
+        answers of up to `max_new_tokens` (default the rollouts' `max_completion_length`; a test report passes
+        the evaluation's, so an answer that runs on past its first tokens is scored whole)."""
+        max_new_tokens = max_new_tokens or self.max_completion_length
         scores = []
         model = self.accelerator.unwrap_model(self.model)
         tok = self._tokenizer
@@ -885,7 +892,7 @@ class CAPOTrainer(GRPOTrainer):
             if self.rollout_engine is None:
                 seq = model.generate(
                     **batch,
-                    max_new_tokens=self.max_completion_length,
+                    max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     suppress_tokens=suppress,
@@ -893,7 +900,9 @@ class CAPOTrainer(GRPOTrainer):
                 completions = seq[:, batch["input_ids"].shape[1] :]
             else:
                 greedy = Sampling(suppress_token_ids=tuple(suppress))
-                completions = self._engine_sample(batch, visuals, questions, [greedy] * len(part))
+                completions = self._engine_sample(
+                    batch, visuals, questions, [greedy] * len(part), max_new_tokens
+                )
             texts = tok.batch_decode(completions, skip_special_tokens=True)
             for a, t in zip(part, texts, strict=True):
                 r = a["row"]

@@ -53,7 +53,13 @@ def ablation_seed(params: Params, model, processor) -> tuple[pd.DataFrame, dict]
             _, val = log_frames(trainer)
             val = pd.concat([pd.DataFrame([{"step": 0} | start]), val], ignore_index=True)
             vals.append(val.assign(objective=objective))
-            scores = compare_allocations(trainer, test_rows, 1.0, rows=("resadapt",))
+            scores = compare_allocations(
+                trainer,
+                test_rows,
+                1.0,
+                rows=("resadapt",),
+                max_new_tokens=params.backbone.generation.max_new_tokens,
+            )
             finals[objective] = {
                 "accuracy": float(scores.score.mean()),
                 "retention": float(scores.retention.mean()),

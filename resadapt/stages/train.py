@@ -279,9 +279,12 @@ def train_seed(params: Params, model, processor, plots_dir: str | Path) -> dict:
     prior = build_allocator(params, model)  # the same seed's untrained Allocator: its relevance prior
     own_rows = tuple(r for r in REPORT_ROWS if r not in SHARED_ROWS)
     index, count = list(rl.seeds).index(params.seed), len(rl.seeds)
-    tables = [compare_allocations(trainer, test_rows, rl.operating_retention, own_rows, prior)]
+    answer = params.backbone.generation.max_new_tokens
+    tables = [compare_allocations(trainer, test_rows, rl.operating_retention, own_rows, prior, answer)]
     if share := test_rows[index::count]:
-        tables.append(compare_allocations(trainer, share, rl.operating_retention, SHARED_ROWS))
+        tables.append(
+            compare_allocations(trainer, share, rl.operating_retention, SHARED_ROWS, max_new_tokens=answer)
+        )
     table = pd.concat(tables, ignore_index=True)
     # the gap measures reading where reading needs resolution: coarse questions (whose evidence is legible at
     # any scale) are left out
@@ -409,12 +412,14 @@ def compare_allocations(
     operating_retention: float,
     rows=tuple(REPORT_ROWS),
     prior_allocator: Allocator | None = None,
+    max_new_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Per test row and report row (`REPORT_ROWS`): greedy score and measured retention.
 
     Answers come from the trainer (its backbone, or its rollout engine), so this works under vLLM rollouts
     too; the allocations come from the same `baselines` methods the evaluate stage runs. The prior-only rows
-    are left out without `prior_allocator` (the untrained Allocator).
+    are left out without `prior_allocator` (the untrained Allocator). Answers are generated up to
+    `max_new_tokens` (the stages pass `backbone.generation.max_new_tokens`, as calibration and evaluate do).
     """
     unknown = set(rows) - set(REPORT_ROWS)
     if unknown:
@@ -447,7 +452,7 @@ def compare_allocations(
             r = realised[label][s_idx]
             items.append({"row": s.row, "visual": r.visual})
             meta.append({"id": s.row["id"], "task": s.row["task"], "method": label, "retention": r.retention})
-    scores = trainer.greedy_scores(items)
+    scores = trainer.greedy_scores(items, max_new_tokens=max_new_tokens)
     table = pd.DataFrame([m | {"score": sc} for m, sc in zip(meta, scores, strict=True)])
     for label in rows:  # the Oracle retries what it got wrong with its alternatives, as the evaluator does
         at = np.flatnonzero(table.method.to_numpy() == label)
@@ -455,7 +460,13 @@ def compare_allocations(
         def run(idx, alts):
             again = [realise(samples[i], p, trainer.geometry) for i, p in zip(idx, alts, strict=True)]
             items = [{"row": samples[i].row, "visual": r.visual} for i, r in zip(idx, again, strict=True)]
-            return list(zip([r.retention for r in again], trainer.greedy_scores(items), strict=True))
+            return list(
+                zip(
+                    [r.retention for r in again],
+                    trainer.greedy_scores(items, max_new_tokens=max_new_tokens),
+                    strict=True,
+                )
+            )
 
         first = list(zip(table.retention.to_numpy()[at], table.score.to_numpy()[at], strict=True))
         best, _ = best_of_alternatives(
