@@ -62,6 +62,7 @@ def test_conditions_follow_params():
         "uniform_0.5",
         "uniform_0.625",
         "uniform_0.75",
+        "uniform_0.875",
         "oracle",
         "anti_oracle",
     ]
