@@ -34,7 +34,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_params(args.params)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
     for seed in args.seeds:
         path = Path(args.work) / f"seed{seed}"
         shutil.rmtree(path, ignore_errors=True)
@@ -47,8 +46,11 @@ def main() -> None:
         params = base.model_copy(update={"seed": seed, "backbone": backbone})
         model, processor, log = backbone_stage(params)
         t0 = time.time()
-        _, table = calibrate_backbone(params, model, processor)
+        per_sample, table = calibrate_backbone(params, model, processor)
+        per_sample.to_csv(path / "calibration_samples.csv", index=False)  # predictions, for reading misses
         metrics = calibration_metrics(table, params)
+        # Read again just before writing: other seeds may run in parallel processes on the same file.
+        results = json.loads(out.read_text()) if out.exists() else {}
         results[str(seed)] = {
             "phases": phase_summary(log),
             "calibration_seconds": round(time.time() - t0, 1),
