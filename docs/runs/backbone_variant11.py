@@ -40,7 +40,9 @@ def main() -> None:
     sft._SplitStream._load = _load_from_to  # DataLoader workers fork after this, so they load with it too
     base = load_params("params.yaml")
     cal = base.backbone.calibration.model_copy(update={"tasks": ["detail_qa", "grounding", "multi_frame"]})
-    params = base.model_copy(update={"backbone": base.backbone.model_copy(update={"path": out, "calibration": cal})})
+    params = base.model_copy(
+        update={"backbone": base.backbone.model_copy(update={"path": out, "calibration": cal})}
+    )
     model, processor, log = backbone_stage(params)
     print({k: round(float(v), 1) for k, v in log.groupby("stage").time_s.max().items()}, flush=True)
     per_sample, table = calibrate_backbone(params, model, processor, split="val")
@@ -48,7 +50,7 @@ def main() -> None:
     detail = per_sample[per_sample.task == "detail_qa"]
     spans = detail[detail.prediction.map(lambda t: parse_span(t) is not None)]
     print(f"detail_qa answers that are spans, val, all conditions: {len(spans)} of {len(detail)}")
-    print(Counter(zip(spans.condition, spans.prediction)).most_common(10))
+    print(Counter(zip(spans.condition, spans.prediction, strict=True)).most_common(10))
 
 
 if __name__ == "__main__":
