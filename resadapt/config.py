@@ -162,7 +162,8 @@ class TinyParams(_Section):
 
 class SFTParams(_Section):
     """The tiny backbone's recipe (resadapt/sft.py `train_backbone`): steps per phase, so a run is the same
-    on any machine; the learning-rate schedules follow step / steps. `time_limit_minutes` is an opt-in
+    on the same machine (another CPU's float kernels round differently, and the model drifts: README); the
+    learning-rate schedules follow step / steps. `time_limit_minutes` is an opt-in
     wall-clock cap per phase (a phase it stops is no longer reproducible elsewhere; the log says so)."""
 
     dense_steps: Annotated[int, Field(ge=0)] = 2000

@@ -377,7 +377,8 @@ def train_backbone(
     log: Callable[[dict], None] | None = None,
 ):
     """Run the recipe in place on `model`: `schedule` gives the step count of each phase, batch sizes and
-    rates (counted in steps, so the same params and seed give the same model on any machine); `s_min` is the
+    rates (counted in steps, so the same params and seed give the same model on the same machine; not across
+    CPUs, whose float kernels round differently); `s_min` is the
     smallest scale chunks are shown at.
 
     `examples(rng, crop_prob)` yields training examples forever, a `crop_prob` share of card videos in
