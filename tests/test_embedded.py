@@ -19,7 +19,9 @@ from resadapt.data.embedded import (
     Card,
     cards_from_json,
     draw_card,
+    draw_grounding_video,
     format_span,
+    grounding_max_chunks,
     load_benchmark,
     token_labels,
     write_benchmark,
@@ -300,6 +302,25 @@ def test_grounding_span(bench) -> None:
         assert row["answer_span"] == [start, end]
         assert row["answer"] == format_span(*row["answer_span"])
         assert 0 <= start < end <= SPEC.num_frames / SPEC.fps
+
+
+def test_grounding_spans_do_not_tell_the_asked_card_by_length_or_position() -> None:
+    """The asked (digit) card's span is drawn like every distractor's: same lengths, same start positions."""
+    spec = BenchmarkSpec(frame_size=56, num_frames=16, cards_per_video=3)
+    assert grounding_max_chunks(spec) == 2
+    rng = np.random.default_rng(0)
+    lengths: dict[bool, list[int]] = {True: [], False: []}
+    starts: dict[bool, list[int]] = {True: [], False: []}
+    for _ in range(600):
+        cards, _frames = draw_grounding_video(rng, spec)
+        chunks = [set(f // spec.temporal_patch for f in c.frames) for c in cards]
+        assert sum(len(c) for c in chunks) == len(set().union(*chunks))  # disjoint spans
+        for k, card in enumerate(cards):
+            lengths[k == 0].append(len(card.frames) // spec.temporal_patch)
+            starts[k == 0].append(card.frames[0] // spec.temporal_patch)
+    assert set(lengths[True]) == set(lengths[False]) == {1, 2}
+    assert abs(np.mean(lengths[True]) - np.mean(lengths[False])) < 0.1
+    assert abs(np.mean(starts[True]) - np.mean(starts[False])) < 0.4
 
 
 def test_refuses_non_empty_root(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ Tasks (all with the same row schema as the real benchmark loaders):
 - ``detail_qa``: "What digit is on the red card?" -> "7" (chance 10%).
 - ``multi_frame``: two digit cards in different chunks, "Which is larger, the digit on the red card or on the
   blue card?" -> the larger digit (chance 1/9 for distinct digits with a uniform guess); two evidence chunks.
-- ``grounding``: "When is the digit on the red card shown?" -> "2.0-5.0" (seconds); scored by temporal IoU.
+- ``grounding``: "When is the digit on the red card shown?" -> "2.0-3.0" (seconds); scored by temporal IoU.
+  Every card's span length and position are drawn alike, so neither tells the asked card from the others.
 - ``image_qa``: a single image with several cards, detail question as above.
 - ``coarse_qa``: "Which card is shown, the red card or the blue card?" -> "red" (one of the two is shown,
   first or second named equally often: chance 50%), asked about the first `coarse_questions` card videos of
@@ -239,15 +240,27 @@ def draw_card_video(
     return cards, render(cards, background(rng, spec.frame_size, num_frames))
 
 
+def grounding_max_chunks(spec: BenchmarkSpec) -> int:
+    """The longest span of a grounding card, in chunks: up to 4, and short enough that the longest draw of
+    every card fits the video together (`config.DataParams` checks there is a chunk per card)."""
+    return min(4, spec.num_frames // spec.temporal_patch // spec.cards_per_video)
+
+
 def draw_grounding_video(rng: np.random.Generator, spec: BenchmarkSpec):
-    """Cards in disjoint spans of whole chunks; the digit card (listed first) spans 1-4 chunks."""
+    """Cards in disjoint spans of whole chunks; the digit card is listed first.
+
+    Every card's span length is drawn independently from the same range (1 to `grounding_max_chunks`), and
+    the order of the cards is a random permutation, so neither the length nor the position of a span tells
+    the asked card from a distractor: only its colour and its digit do.
+    """
     tp = spec.temporal_patch
     chunks = spec.num_frames // tp
     grid = spec.frame_size // CELL
     n = spec.cards_per_video
     glyphs = _glyphs(rng, n, 1)
     colours = rng.choice(list(COLOURS), size=n, replace=False)
-    lengths = [int(rng.integers(1, min(4, chunks - n + 1) + 1))] + [1] * (n - 1)
+    longest = grounding_max_chunks(spec)
+    lengths = [int(x) for x in rng.integers(1, longest + 1, size=n)]
     order = rng.permutation(n)
     free = chunks - sum(lengths)
     gaps = np.sort(rng.choice(free + 1, size=n, replace=True))
